@@ -1,0 +1,1 @@
+"""Command-line interface (``resnetlab ...``); see :mod:`resnetlab.cli.main`."""

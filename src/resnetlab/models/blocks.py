@@ -1,0 +1,238 @@
+"""Residual blocks: y = F(x) + shortcut(x).
+
+Four classes, read top to bottom like the papers:
+
+- ``BasicBlock``: two 3x3 convs (ResNet-18/34 and the CIFAR nets).
+- ``Bottleneck``: 1x1 reduce, 3x3, 1x1 expand x4 (ResNet-50/101/152, ResNeXt, Wide ResNet-50/101).
+- ``PreActBasicBlock`` / ``PreActBottleneck``: the same with BN-ReLU before each conv
+  ("Identity Mappings in Deep Residual Networks", He et al. 2016), so the shortcut path stays a pure identity.
+
+Module names match torchvision (``conv1``, ``bn1``, ..., ``downsample``) so its weights load unchanged.
+Every block can be *lesioned* (``block.lesioned = True``): the residual branch F is skipped and only the
+shortcut remains, as in Veit et al. (2016). ``block.branch_output`` names the module whose output is F(x)
+before the addition, where the paper's Figure 7 measures response strength.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from resnetlab.errors import ConfigError
+from resnetlab.models.layers import NormLayer, conv1x1, conv3x3, drop_path, zero_
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Everything about a block except its channels, stride and shortcut module."""
+
+    norm_layer: NormLayer = nn.BatchNorm2d
+    use_shortcut: bool = True  # False: the plain twin, y = F(x)
+    groups: int = 1  # ResNeXt cardinality
+    width_per_group: int = 64  # bottleneck width = planes * width_per_group / 64 * groups
+    dilation: int = 1
+    first_dilation: int | None = None  # the first block of a dilated stage keeps the previous dilation
+    drop_path_rate: float = 0.0  # stochastic depth
+    dropout: float = 0.0  # between the convs (Wide ResNet)
+    stride_in_1x1: bool = False  # bottlenecks: "v1" stride placement
+
+    def bottleneck_width(self, planes: int) -> int:
+        return int(planes * (self.width_per_group / 64.0)) * self.groups
+
+
+DEFAULT_SPEC = BlockSpec()
+
+
+class ResidualBlock(nn.Module):
+    """What every block shares: the shortcut module, stochastic depth, lesioning, and the final merge."""
+
+    expansion = 1
+
+    def __init__(self, downsample: nn.Module | None, spec: BlockSpec) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.use_shortcut = spec.use_shortcut
+        self.drop_path = drop_path(spec.drop_path_rate)
+        self.lesioned = False
+
+    @property
+    def branch_output(self) -> nn.Module:
+        raise NotImplementedError
+
+    def zero_init_last(self) -> None:
+        """Start as the identity: zero the last scale of F (Goyal et al. 2017)."""
+        zero_(getattr(self.branch_output, "weight", None))
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+
+class BasicBlock(ResidualBlock):
+    """conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        spec: BlockSpec = DEFAULT_SPEC,
+    ) -> None:
+        super().__init__(downsample, spec)
+        if spec.groups != 1 or spec.width_per_group != 64:
+            raise ConfigError("BasicBlock supports only groups=1 and width_per_group=64; use a bottleneck")
+        self.conv1 = conv3x3(in_channels, planes, stride, dilation=spec.first_dilation or spec.dilation)
+        self.bn1 = spec.norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.conv2 = conv3x3(planes, planes, dilation=spec.dilation)
+        self.bn2 = spec.norm_layer(planes)
+
+    @property
+    def branch_output(self) -> nn.Module:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lesioned:
+            return self.relu(self.shortcut(x))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(self.dropout(out)))
+        out = self.drop_path(out)
+        if self.use_shortcut:
+            out = out + self.shortcut(x)
+        return self.relu(out)
+
+
+class Bottleneck(ResidualBlock):
+    """1x1 reduce - 3x3 (grouped for ResNeXt) - 1x1 expand x4, + shortcut, ReLU.
+
+    The stride sits in the 3x3 conv ("v1.5", torchvision) unless ``spec.stride_in_1x1`` (the original paper,
+    Caffe and Keras: "v1").
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        spec: BlockSpec = DEFAULT_SPEC,
+    ) -> None:
+        super().__init__(downsample, spec)
+        width = spec.bottleneck_width(planes)
+        stride_1x1, stride_3x3 = (stride, 1) if spec.stride_in_1x1 else (1, stride)
+        self.conv1 = conv1x1(in_channels, width, stride_1x1)
+        self.bn1 = spec.norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride_3x3, spec.groups, spec.first_dilation or spec.dilation)
+        self.bn2 = spec.norm_layer(width)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = spec.norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+
+    @property
+    def branch_output(self) -> nn.Module:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lesioned:
+            return self.relu(self.shortcut(x))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.dropout(out)))
+        out = self.drop_path(out)
+        if self.use_shortcut:
+            out = out + self.shortcut(x)
+        return self.relu(out)
+
+
+class PreActBasicBlock(ResidualBlock):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3, + shortcut (Wide ResNet adds dropout between the convs).
+
+    A projection shortcut takes the pre-activated input, as in the identity-mappings paper and timm.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        spec: BlockSpec = DEFAULT_SPEC,
+    ) -> None:
+        super().__init__(downsample, spec)
+        if spec.groups != 1 or spec.width_per_group != 64:
+            raise ConfigError("PreActBasicBlock supports only groups=1 and width_per_group=64")
+        self.bn1 = spec.norm_layer(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = conv3x3(in_channels, planes, stride, dilation=spec.first_dilation or spec.dilation)
+        self.bn2 = spec.norm_layer(planes)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.conv2 = conv3x3(planes, planes, dilation=spec.dilation)
+
+    @property
+    def branch_output(self) -> nn.Module:
+        return self.conv2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        if self.lesioned:
+            return shortcut
+        out = self.conv1(pre)
+        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
+        out = self.drop_path(out)
+        return out + shortcut if self.use_shortcut else out
+
+
+class PreActBottleneck(ResidualBlock):
+    """BN-ReLU-1x1, BN-ReLU-3x3, BN-ReLU-1x1 (x4), + shortcut. Stride in the 3x3, as in timm's ResNetV2."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        spec: BlockSpec = DEFAULT_SPEC,
+    ) -> None:
+        super().__init__(downsample, spec)
+        width = spec.bottleneck_width(planes)
+        stride_1x1, stride_3x3 = (stride, 1) if spec.stride_in_1x1 else (1, stride)
+        self.bn1 = spec.norm_layer(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = conv1x1(in_channels, width, stride_1x1)
+        self.bn2 = spec.norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride_3x3, spec.groups, spec.first_dilation or spec.dilation)
+        self.bn3 = spec.norm_layer(width)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.conv3 = conv1x1(width, planes * self.expansion)
+
+    @property
+    def branch_output(self) -> nn.Module:
+        return self.conv3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        if self.lesioned:
+            return shortcut
+        out = self.conv1(pre)
+        out = self.conv2(self.relu(self.bn2(out)))
+        out = self.conv3(self.dropout(self.relu(self.bn3(out))))
+        out = self.drop_path(out)
+        return out + shortcut if self.use_shortcut else out
+
+
+BLOCKS: dict[tuple[str, bool], type[ResidualBlock]] = {
+    ("basic", False): BasicBlock,
+    ("bottleneck", False): Bottleneck,
+    ("basic", True): PreActBasicBlock,
+    ("bottleneck", True): PreActBottleneck,
+}

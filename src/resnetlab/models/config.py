@@ -1,0 +1,133 @@
+"""``ResNetConfig``: every architectural choice of the family as one frozen, serialisable record.
+
+A named model (``resnet50``, ``resnet56``, ``wrn28_10``, ...) is a row of overrides of these fields in
+``resnetlab.models.registry``; ``create_model(name, **overrides)`` applies user overrides on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from resnetlab.errors import ConfigError
+from resnetlab.models.shortcuts import SHORTCUT_KINDS
+from resnetlab.models.stems import STEM_STRIDE
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    # Architecture
+    block: str = "basic"  # "basic" (two 3x3) or "bottleneck" (1x1, 3x3, 1x1 x4)
+    layers: tuple[int, ...] = (2, 2, 2, 2)  # blocks per stage
+    widths: tuple[int, ...] = (64, 128, 256, 512)  # "planes" per stage; bottleneck output is 4x
+    stem: str = "imagenet"  # "imagenet" (7x7 + pool), "deep" (3x 3x3, ResNet-C), "cifar" (3x3, no pool)
+    stem_channels: int = 64
+    shortcut: str = "B"  # "A" zero-pad, "B" project where shape changes, "C" project always, "none" = plain
+    avg_down: bool = False  # ResNet-D: average-pool before the projection instead of a strided 1x1
+    stride_in_1x1: bool = False  # bottleneck stride in the first 1x1 ("v1", the paper) or the 3x3 ("v1.5")
+    preact: bool = False  # pre-activation ordering (BN-ReLU-conv), He et al. 2016
+    groups: int = 1  # ResNeXt cardinality
+    width_per_group: int = 64  # ResNeXt/Wide ResNet bottleneck width per group
+    output_stride: int | None = None  # 8 or 16: replace late strides by dilation (segmentation)
+    # Regularisation and initialisation
+    block_dropout: float = 0.0  # dropout between the convs of each block (Wide ResNet)
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth
+    zero_init_residual: bool = False  # zero the last norm of each branch: blocks start as identities
+    norm_layer: str = "batchnorm"  # batchnorm | syncbatchnorm | frozen_batchnorm | groupnorm[N]
+    # Input and output
+    num_classes: int = 1000
+    in_chans: int = 3
+    # Default preprocessing (carried into saved models so predict/export never re-type it)
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    label_names: tuple[str, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.block not in ("basic", "bottleneck"):
+            raise ConfigError(f"block must be 'basic' or 'bottleneck', not {self.block!r}")
+        if self.stem not in STEM_STRIDE:
+            raise ConfigError(f"stem must be one of {sorted(STEM_STRIDE)}, not {self.stem!r}")
+        if self.shortcut not in SHORTCUT_KINDS:
+            raise ConfigError(f"shortcut must be one of {SHORTCUT_KINDS}, not {self.shortcut!r}")
+        if len(self.layers) != len(self.widths) or not self.layers:
+            raise ConfigError(f"layers {self.layers} and widths {self.widths} must have the same length")
+        if any(n < 1 for n in self.layers):
+            raise ConfigError(f"every stage needs at least one block: layers={self.layers}")
+        if self.output_stride is not None and self.output_stride not in self.possible_output_strides():
+            raise ConfigError(
+                f"output_stride={self.output_stride} is not reachable; choose one of "
+                f"{self.possible_output_strides()}"
+            )
+        if self.in_chans < 1 or self.num_classes < 0:
+            raise ConfigError("in_chans must be >= 1 and num_classes >= 0")
+        if self.label_names is not None and len(self.label_names) != self.num_classes:
+            object.__setattr__(self, "label_names", None)  # a new head invalidates the old names
+        for name in ("block_dropout", "drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), not {getattr(self, name)}")
+
+    # Derived facts
+    @property
+    def expansion(self) -> int:
+        return 4 if self.block == "bottleneck" else 1
+
+    @property
+    def num_features(self) -> int:
+        """Channels entering the classifier."""
+        return self.widths[-1] * self.expansion
+
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        return (1,) + (2,) * (len(self.layers) - 1)
+
+    @property
+    def total_stride(self) -> int:
+        stride = STEM_STRIDE[self.stem]
+        for s in self.stage_strides:
+            stride *= s
+        return stride
+
+    @property
+    def depth(self) -> int:
+        """Weighted layers as the papers count them: stem conv + convs in blocks + classifier."""
+        return 1 + sum(self.layers) * (3 if self.block == "bottleneck" else 2) + 1
+
+    def possible_output_strides(self) -> tuple[int, ...]:
+        stride, options = STEM_STRIDE[self.stem], []
+        for s in self.stage_strides:
+            stride *= s
+            options.append(stride)
+        return tuple(sorted(set(options)))
+
+    # Serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> ResNetConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown model option(s) {sorted(unknown)}; valid options: {', '.join(sorted(known))}"
+            )
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return dataclasses.replace(self, **values)

@@ -1,0 +1,137 @@
+"""``create_model``, ``from_pretrained`` and ``model_info``: the front door to the model family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnetlab.errors import WeightsError
+from resnetlab.models.config import ResNetConfig
+from resnetlab.models.registry import MODELS, get_config, resolve_name
+from resnetlab.models.resnet import FeatureExtractor, ResNet
+from resnetlab.models.weights import (
+    convert_state_dict,
+    fetch_weights,
+    load_pretrained_dir,
+    load_state_dict_file,
+    load_weights,
+)
+
+
+def create_model(
+    name: str,
+    pretrained: bool | str | os.PathLike | None = None,
+    *,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (1, 2, 3, 4),
+    **overrides: Any,
+) -> nn.Module:
+    """Build a named model, e.g. ``create_model("resnet50", num_classes=10)``.
+
+    ``pretrained``: ``True`` (the model's first published weights), a tag of ``MODELS[name].weights``
+    (``"tv_in1k"``, ``"cifar10_akamaster"``, ...), or a path to a ``save_pretrained`` folder or a weights
+    file in any supported layout (torchvision, timm, Hugging Face, akamaster). ``overrides`` are
+    ``ResNetConfig`` fields; ``features_only`` returns a ``FeatureExtractor`` for ``out_indices``.
+    """
+    name = resolve_name(name)
+    state_dict, origin, weight_overrides = None, "", {}
+    if pretrained:
+        state_dict, origin, weight_overrides = _resolve_pretrained(name, pretrained)
+    # Preprocessing from the weights applies unless the user overrides it.
+    config = get_config(name, **{**weight_overrides, **overrides})
+    model = ResNet(config, name=name)
+    if state_dict is not None:
+        load_weights(model, state_dict, origin=origin)
+    return FeatureExtractor(model, out_indices) if features_only else model
+
+
+def _resolve_pretrained(name: str, pretrained: bool | str | os.PathLike) -> tuple[dict, str, dict[str, Any]]:
+    entry = MODELS[name]
+    if pretrained is True or (isinstance(pretrained, str) and pretrained in entry.weights):
+        if not entry.weights:
+            raise WeightsError(
+                f"no published weights are known for {name}; pass pretrained=PATH to a weights file"
+            )
+        tag = next(iter(entry.weights)) if pretrained is True else str(pretrained)
+        state_dict, extra = fetch_weights(entry.weights[tag])
+        return state_dict, f"{name} weights {tag!r}", extra
+    path = Path(pretrained)  # type: ignore[arg-type]
+    if path.is_dir():
+        meta, state_dict = load_pretrained_dir(path)
+        saved = meta["config"]
+        keep = ("mean", "std", "input_size", "crop_pct", "interpolation", "label_names")
+        return state_dict, str(path), {k: saved[k] for k in keep if k in saved}
+    if path.is_file():
+        return convert_state_dict(load_state_dict_file(path)), str(path), {}
+    tags = ", ".join(entry.weights) or "none"
+    raise WeightsError(f"pretrained={pretrained!r} is neither a file, a folder nor a weights tag of {name} ({tags})")
+
+
+def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> ResNet:
+    """Rebuild a model saved with ``save_pretrained`` (architecture, weights and preprocessing)."""
+    meta, state_dict = load_pretrained_dir(directory)
+    config = ResNetConfig.from_dict(meta["config"]).replace(**overrides)
+    model = ResNet(config, name=meta.get("architecture") or "resnet")
+    load_weights(model, state_dict, origin=str(directory))
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass of one image (multiply-add = 2 FLOPs), by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(x)
+    return int(counter.get_total_flops())
+
+
+def model_info(name: str, input_size: tuple[int, int, int] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Facts about a named model: parameters, FLOPs, block type, stages, and its preprocessing.
+
+    Built on PyTorch's meta device, so no memory is allocated and even ResNet-1202 is instant.
+    """
+    name = resolve_name(name)
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    assert isinstance(model, ResNet)
+    c = model.config
+    size = input_size or c.input_size
+    h, w = size[1], size[2]
+    stages = []
+    for info, num_blocks in zip(model.feature_info[1:], c.layers):
+        stages.append(dict(
+            name=info["module"], blocks=num_blocks, channels=info["num_chs"], stride=info["reduction"],
+            output=f"{info['num_chs']}x{-(-h // info['reduction'])}x{-(-w // info['reduction'])}",
+        ))  # fmt: skip
+    entry = MODELS[name]
+    return dict(
+        name=name,
+        description=entry.description,
+        params=count_params(model),
+        reference_params=entry.reference_params,
+        params_source=entry.params_source,
+        gflops=count_flops(model, (c.in_chans, h, w)) / 1e9,
+        depth=c.depth,
+        block=("preact_" if c.preact else "") + c.block,
+        shortcut=c.shortcut,
+        stem=c.stem,
+        input_size=size,
+        mean=c.mean,
+        std=c.std,
+        crop_pct=c.crop_pct,
+        num_classes=c.num_classes,
+        stem_channels=c.stem_channels,
+        stages=stages,
+        weights=list(entry.weights),
+    )

@@ -1,0 +1,190 @@
+"""Named architectures as data: each row is a set of ``ResNetConfig`` overrides plus provenance.
+
+``MODELS`` is the single source of truth for ``create_model``, ``list_models``, ``model_info`` and the
+parameter-count tests (``reference_params`` is the figure published by the paper or torchvision).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from resnetlab.errors import UnknownModelError
+from resnetlab.models.config import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ResNetConfig
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where published weights for a model live and how to read them.
+
+    ``kind``: "torchvision" (``ref`` = torchvision weights enum, e.g. "ResNet50_Weights.IMAGENET1K_V2"),
+    "url" (``ref`` = URL of a file whose name is ``filename``), or "hf_hub" (``ref`` = repo id on the
+    Hugging Face hub, ``filename`` inside it). ``format`` names the converter (see ``weights.CONVERTERS``).
+    ``config`` overrides preprocessing that the weights were trained with.
+    """
+
+    kind: str
+    ref: str
+    format: str
+    filename: str | None = None
+    sha256_prefix: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    config: dict[str, Any]
+    description: str
+    reference_params: float | None = None  # published parameter count
+    params_source: str = ""  # "torchvision" (exact) or a paper (rounded to its printed precision)
+    weights: dict[str, WeightsSource] = field(default_factory=dict)
+    timm_name: str | None = None  # the same architecture in timm, for parity tests and hub weights
+
+
+IMAGENET: dict[str, Any] = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)
+CIFAR: dict[str, Any] = dict(
+    stem="cifar", stem_channels=16, widths=(16, 32, 64), num_classes=10, input_size=(3, 32, 32),
+    mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_pct=1.0,
+)  # fmt: skip
+BASIC = dict(block="basic")
+BOTTLENECK = dict(block="bottleneck")
+IMAGENET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
+    "resnet152": 60_192_808, "resnext50_32x4d": 25_028_904, "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272, "wide_resnet50_2": 68_883_240, "wide_resnet101_2": 126_886_696,
+}  # fmt: skip
+AKAMASTER_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+AKAMASTER_FILES = {
+    20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th",
+    56: "resnet56-4bfd9763.th", 110: "resnet110-1d1ed7c2.th", 1202: "resnet1202-f3b1deed.th",
+}  # fmt: skip
+# He et al. 2015, Table 6 (millions of parameters)
+CIFAR_PAPER_PARAMS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6, 1202: 19.4e6}
+
+
+def _torchvision_weights(name: str, enum: str) -> dict[str, WeightsSource]:
+    return {"tv_in1k": WeightsSource("torchvision", enum, "torchvision", description=f"torchvision {enum}")}
+
+
+def _imagenet_block(depth: int) -> dict[str, Any]:
+    return BOTTLENECK if depth >= 50 else BASIC
+
+
+def _build_table() -> dict[str, ModelEntry]:
+    table: dict[str, ModelEntry] = {}
+    weights_enum = {18: "V1", 34: "V1", 50: "V2", 101: "V2", 152: "V2"}
+    for depth, layers in IMAGENET_LAYERS.items():
+        base = dict(IMAGENET, layers=layers, **_imagenet_block(depth))
+        name = f"resnet{depth}"
+        table[name] = ModelEntry(
+            base, f"ResNet-{depth} (He et al. 2015), stride in the 3x3 (v1.5, torchvision)",
+            TORCHVISION_PARAMS[name], "torchvision",
+            _torchvision_weights(name, f"ResNet{depth}_Weights.IMAGENET1K_{weights_enum[depth]}"), name,
+        )  # fmt: skip
+        table[f"resnet{depth}d"] = ModelEntry(
+            dict(base, stem="deep", avg_down=True),
+            f"ResNet-{depth}-D (Bag of Tricks): deep 3x3 stem, average-pool projection shortcut",
+            weights={"timm_in1k": WeightsSource("hf_hub", f"timm/resnet{depth}d.ra2_in1k", "timm",
+                                                "model.safetensors")},
+            timm_name=f"resnet{depth}d",
+        )  # fmt: skip
+        table[f"preact_resnet{depth}"] = ModelEntry(
+            dict(base, preact=True),
+            f"Pre-activation ResNet-{depth} (He et al. 2016, identity mappings); timm's resnetv2_{depth}",
+            timm_name=f"resnetv2_{depth}",
+        )
+        table[f"plain{depth}"] = ModelEntry(
+            dict(base, shortcut="none"), f"Plain-{depth}: ResNet-{depth} without shortcuts (degradation study)"
+        )
+    table["resnet50c"] = ModelEntry(
+        dict(table["resnet50"].config, stem="deep"), "ResNet-50-C (Bag of Tricks): deep 3x3 stem",
+        timm_name="resnet50c",
+    )  # fmt: skip
+    table["preact_resnet50"].weights["timm_in1k"] = WeightsSource(
+        "hf_hub", "timm/resnetv2_50.a1h_in1k", "timm", "model.safetensors"
+    )
+    table["resnet50"].weights["hf_in1k"] = WeightsSource(
+        "hf_hub", "microsoft/resnet-50", "hf", "model.safetensors",
+        description="Hugging Face transformers microsoft/resnet-50",
+    )  # fmt: skip
+    for name, layers, groups, width, enum in (
+        ("resnext50_32x4d", IMAGENET_LAYERS[50], 32, 4, "ResNeXt50_32X4D_Weights.IMAGENET1K_V2"),
+        ("resnext101_32x8d", IMAGENET_LAYERS[101], 32, 8, "ResNeXt101_32X8D_Weights.IMAGENET1K_V2"),
+        ("resnext101_64x4d", IMAGENET_LAYERS[101], 64, 4, "ResNeXt101_64X4D_Weights.IMAGENET1K_V1"),
+        ("wide_resnet50_2", IMAGENET_LAYERS[50], 1, 128, "Wide_ResNet50_2_Weights.IMAGENET1K_V2"),
+        ("wide_resnet101_2", IMAGENET_LAYERS[101], 1, 128, "Wide_ResNet101_2_Weights.IMAGENET1K_V2"),
+    ):
+        kind = "ResNeXt (Xie et al. 2017)" if groups > 1 else "Wide ResNet (Zagoruyko & Komodakis 2016)"
+        table[name] = ModelEntry(
+            dict(IMAGENET, **BOTTLENECK, layers=layers, groups=groups, width_per_group=width),
+            f"{kind}, ImageNet layout as in torchvision", TORCHVISION_PARAMS[name], "torchvision",
+            _torchvision_weights(name, enum), name,
+        )  # fmt: skip
+
+    # The paper's CIFAR-10 nets: 6n+2 layers, widths 16/32/64, option-A shortcuts.
+    for depth, params in CIFAR_PAPER_PARAMS.items():
+        n = (depth - 2) // 6
+        base = dict(CIFAR, **BASIC, layers=(n, n, n), shortcut="A")
+        akamaster = WeightsSource(
+            "url", AKAMASTER_URL + AKAMASTER_FILES[depth], "akamaster", AKAMASTER_FILES[depth],
+            sha256_prefix=AKAMASTER_FILES[depth].split("-")[1][:8],
+            config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            description="published CIFAR-10 weights of akamaster/pytorch_resnet_cifar10 (BSD-2-Clause)",
+        )  # fmt: skip
+        table[f"resnet{depth}"] = ModelEntry(
+            base, f"CIFAR ResNet-{depth} (He et al. 2015, Sec. 4.2): 3 stages of {n} basic blocks, option A",
+            params, "He et al. 2015, Table 6", {"cifar10_akamaster": akamaster},
+        )  # fmt: skip
+        table[f"plain{depth}"] = ModelEntry(
+            dict(base, shortcut="none"), f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts"
+        )
+    # He et al. 2016 (identity mappings), Table 3/4: pre-activation CIFAR nets, projection shortcuts.
+    for depth, block, params in ((110, BASIC, 1.7e6), (164, BOTTLENECK, 1.7e6), (1001, BOTTLENECK, 10.2e6)):
+        n = (depth - 2) // (9 if block is BOTTLENECK else 6)
+        table[f"preact_resnet{depth}"] = ModelEntry(
+            dict(CIFAR, **block, layers=(n, n, n), preact=True),
+            f"CIFAR pre-activation ResNet-{depth} (He et al. 2016)", params, "He et al. 2016",
+        )  # fmt: skip
+    # Wide ResNets WRN-d-k (Zagoruyko & Komodakis 2016): pre-activation basic blocks, widths 16k/32k/64k.
+    for depth, k, params in ((16, 4, 2.7e6), (16, 8, 11.0e6), (28, 10, 36.5e6), (40, 4, 8.9e6)):
+        n = (depth - 4) // 6
+        table[f"wrn{depth}_{k}"] = ModelEntry(
+            dict(CIFAR, **BASIC, layers=(n, n, n), widths=(16 * k, 32 * k, 64 * k), preact=True),
+            f"Wide ResNet WRN-{depth}-{k} (CIFAR); set block_dropout=0.3 for the paper's dropout variant",
+            params, "Zagoruyko & Komodakis 2016, Table 1/4",
+        )  # fmt: skip
+    # ResNeXt-29 (Xie et al. 2017, Table 7): 3 stages of 3 bottlenecks, 64-channel stem.
+    for cardinality, params in ((8, 34.4e6), (16, 68.1e6)):
+        table[f"resnext29_{cardinality}x64d"] = ModelEntry(
+            dict(CIFAR, **BOTTLENECK, stem_channels=64, widths=(64, 128, 256), layers=(3, 3, 3),
+                 groups=cardinality, width_per_group=64),
+            f"CIFAR ResNeXt-29, {cardinality}x64d (Xie et al. 2017)", params, "Xie et al. 2017, Table 7",
+        )  # fmt: skip
+    return table
+
+
+MODELS: dict[str, ModelEntry] = _build_table()
+ALIASES: dict[str, str] = {"resnetv2_50": "preact_resnet50", "resnetv2_101": "preact_resnet101"}
+
+
+def resolve_name(name: str) -> str:
+    name = ALIASES.get(name, name)
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS) + list(ALIASES), n=4, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}.{hint} See `resnetlab models` for all names.")
+    return name
+
+
+def get_config(name: str, **overrides: Any) -> ResNetConfig:
+    """The config of a named model with ``overrides`` applied (unknown keys fail with the valid ones)."""
+    return ResNetConfig().replace(**MODELS[resolve_name(name)].config).replace(**overrides)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names matching a shell-style pattern, e.g. ``list_models("resnet*d")``."""
+    return sorted(n for n in MODELS if fnmatch.fnmatch(n, pattern))

@@ -1,0 +1,327 @@
+"""Weights I/O: read checkpoints safely, convert other libraries' layouts, adapt heads and inputs.
+
+Formats understood (``convert_state_dict(sd, source)``; ``source="auto"`` detects from the keys):
+
+- ``resnetlab`` / ``torchvision`` / ``timm`` (resnet*): our layout is theirs, keys map one to one;
+- ``timm_v2``: timm's pre-activation ResNetV2 (``stem.conv``, ``stages.i.blocks.j``, ``head.fc``);
+- ``hf``: Hugging Face transformers ``ResNetModel`` / ``ResNetForImageClassification``;
+- ``akamaster``: the published CIFAR ResNets (``module.`` prefix, ``linear`` head);
+- torchvision detection checkpoints (``backbone.body.`` prefix) yield their backbone.
+
+Nothing here unpickles code: ``.safetensors`` or ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnetlab.errors import WeightsError
+from resnetlab.paths import cache_dir
+
+StateDict = dict[str, torch.Tensor]
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- reading files
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> StateDict:
+    """Tensors from a ``.safetensors`` file or a PyTorch checkpoint, never executing pickled code.
+
+    Checkpoints that wrap the tensors (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsError(f"{path} is not a readable safetensors file ({err})") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise WeightsError(
+            f"cannot load {path} as plain tensors ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            "resnetlab never unpickles code; re-save it with torch.save(model.state_dict(), ...) or as "
+            "safetensors if it comes from a source you trust"
+        ) from err
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj: Any, origin: object = "checkpoint") -> StateDict:
+    for key in ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{origin} holds no state dict of tensors")
+    return dict(obj)
+
+
+# ---------------------------------------------------------------------------- converters
+def _strip_prefixes(sd: StateDict, prefixes: tuple[str, ...]) -> StateDict:
+    for prefix in prefixes:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _rename(sd: StateDict, rules: list[tuple[str, str]]) -> StateDict:
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _stage_index_plus_one(match: re.Match[str]) -> str:
+    return f"layer{int(match.group(1)) + 1}.{match.group(2)}."
+
+
+def from_timm_v2(sd: StateDict) -> StateDict:
+    """timm ResNetV2 (pre-activation) -> resnetlab."""
+    sd = _rename(sd, [
+        (r"^stem\.conv\.", "conv1."),
+        (r"^stem\.conv1\.", "conv1.0."), (r"^stem\.norm1\.", "conv1.1."),
+        (r"^stem\.conv2\.", "conv1.3."), (r"^stem\.norm2\.", "conv1.4."), (r"^stem\.conv3\.", "conv1.6."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.", _stage_index_plus_one),  # type: ignore[list-item]
+        (r"\.norm(\d)\.", r".bn\1."), (r"\.downsample\.conv\.", ".downsample.0."),
+        (r"^norm\.", "final_norm."), (r"^head\.fc\.", "fc."),
+    ])  # fmt: skip
+    if "fc.weight" in sd and sd["fc.weight"].ndim == 4:  # timm's 1x1-conv head
+        sd["fc.weight"] = sd["fc.weight"].flatten(1)
+    return sd
+
+
+def from_hf(sd: StateDict) -> StateDict:
+    """Hugging Face transformers ResNet -> resnetlab."""
+    return _rename(sd, [
+        (r"^resnet\.", ""),
+        (r"^embedder\.embedder\.convolution\.", "conv1."),
+        (r"^embedder\.embedder\.normalization\.", "bn1."),
+        (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", _stage_index_plus_one),  # type: ignore[list-item]
+        (r"\.shortcut\.convolution\.", ".downsample.0."), (r"\.shortcut\.normalization\.", ".downsample.1."),
+        (r"\.layer\.(\d)\.convolution\.", lambda m: f".conv{int(m.group(1)) + 1}."),  # type: ignore[list-item]
+        (r"\.layer\.(\d)\.normalization\.", lambda m: f".bn{int(m.group(1)) + 1}."),  # type: ignore[list-item]
+        (r"^classifier\.1\.", "fc."),
+    ])  # fmt: skip
+
+
+def from_akamaster(sd: StateDict) -> StateDict:
+    """akamaster/pytorch_resnet_cifar10 -> resnetlab (``module.`` prefix, ``linear`` head)."""
+    return _rename(sd, [(r"^linear\.", "fc.")])
+
+
+def identity(sd: StateDict) -> StateDict:
+    return sd
+
+
+CONVERTERS: dict[str, Callable[[StateDict], StateDict]] = {
+    "resnetlab": identity, "torchvision": identity, "timm": identity,
+    "timm_v2": from_timm_v2, "hf": from_hf, "akamaster": from_akamaster,
+}  # fmt: skip
+
+
+def detect_format(sd: StateDict) -> str:
+    keys = list(sd)
+    if any("embedder.embedder" in k for k in keys):
+        return "hf"
+    if any(k.startswith("stages.") and ".blocks." in k for k in keys):
+        return "timm_v2"
+    if "linear.weight" in sd and "layer1.0.conv1.weight" in sd:
+        return "akamaster"
+    return "resnetlab"
+
+
+def convert_state_dict(sd: StateDict, source: str = "auto") -> StateDict:
+    """Map a state dict from ``source``'s naming to resnetlab's (which is torchvision's)."""
+    sd = _strip_prefixes(sd, ("module.", "_orig_mod.", "model.", "backbone.body."))
+    if any(k.startswith("backbone.body.") for k in sd):  # detection checkpoint: keep the backbone
+        sd = {k.removeprefix("backbone.body."): v for k, v in sd.items() if k.startswith("backbone.body.")}
+    source = detect_format(sd) if source == "auto" else source
+    if source not in CONVERTERS:
+        raise WeightsError(f"unknown weights format {source!r}; choose one of {sorted(CONVERTERS)}")
+    return CONVERTERS[source](sd)
+
+
+# ---------------------------------------------------------------------------- loading into a model
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt a first-conv weight (O, C, k, k) to ``in_chans`` inputs.
+
+    One channel: sum over the colour channels (a grey image is R=G=B). N channels: repeat the filters
+    cyclically and rescale by C/N so activations keep their magnitude.
+    """
+    src = weight.shape[1]
+    if in_chans == src:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_chans // src)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (src / in_chans)
+
+
+def first_conv_key(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return f"{name}.weight"
+    raise WeightsError("model has no convolution")
+
+
+def load_weights(model: nn.Module, sd: StateDict, *, origin: str = "checkpoint", strict: bool = True) -> None:
+    """Load converted weights, adapting what can be adapted and explaining what cannot.
+
+    - a head for another number of classes is dropped (the model keeps its fresh head), with a warning;
+    - a first conv for another number of input channels is adapted (``adapt_input_conv``);
+    - any other shape mismatch, missing or unexpected key raises ``WeightsError`` naming the tensors.
+    """
+    own = model.state_dict()
+    sd = dict(sd)
+    head_keys = [k for k in ("fc.weight", "fc.bias") if k in sd]
+    if head_keys and ("fc.weight" not in own or own["fc.weight"].shape != sd["fc.weight"].shape):
+        classes = sd["fc.weight"].shape[0]
+        warnings.warn(
+            f"{origin}: classifier for {classes} classes does not fit this model's head; "
+            "the head is re-initialised (fine-tune it)",
+            stacklevel=2,
+        )
+        for k in head_keys:
+            del sd[k]
+    conv_key = first_conv_key(model)
+    if conv_key in sd and conv_key in own and sd[conv_key].shape[1] != own[conv_key].shape[1]:
+        sd[conv_key] = adapt_input_conv(sd[conv_key], own[conv_key].shape[1])
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if mismatched:
+        raise WeightsError(
+            f"{origin} does not fit {getattr(model, 'name', type(model).__name__)}: "
+            + "; ".join(mismatched[:5]) + (f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else "")
+            + ". Is it a checkpoint of another architecture?"
+        )  # fmt: skip
+    own_extra = {k for k in own if k.endswith("num_batches_tracked")}
+    missing = [k for k in own if k not in sd and k not in own_extra and not k.startswith("fc.")]
+    unexpected = [k for k in sd if k not in own and not k.endswith("num_batches_tracked")]
+    if strict and (missing or unexpected):
+        raise WeightsError(
+            f"{origin} does not match {getattr(model, 'name', type(model).__name__)}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
+            "Is it a checkpoint of another architecture or depth?"
+        )
+    model.load_state_dict(sd, strict=False)
+
+
+# ---------------------------------------------------------------------------- published weights
+def weights_search_path() -> list[Path]:
+    """Folders searched for weight files before downloading: RESNETLAB_WEIGHTS_PATH, the cache, torch hub."""
+    dirs = [Path(p) for p in os.environ.get("RESNETLAB_WEIGHTS_PATH", "").split(os.pathsep) if p]
+    return [*dirs, cache_dir() / "weights", Path(torch.hub.get_dir()) / "checkpoints"]
+
+
+def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
+    """State dict (converted) and preprocessing overrides for a ``registry.WeightsSource``."""
+    extra: dict[str, Any] = dict(source.config)
+    if source.kind == "torchvision":
+        from torchvision.models import get_weight
+
+        tv_weights = get_weight(source.ref)
+        extra.setdefault("label_names", tuple(tv_weights.meta["categories"]))
+        filename, url = Path(tv_weights.url).name, tv_weights.url
+    else:
+        filename, url = source.filename, source.ref
+    for folder in weights_search_path():
+        candidate = folder / filename
+        if candidate.is_file():
+            path = candidate
+            break
+    else:
+        path = _download(source, url, filename)
+    if source.sha256_prefix and not sha256_file(path).startswith(source.sha256_prefix):
+        raise WeightsError(f"{path} is corrupt: its sha256 does not start with {source.sha256_prefix}")
+    return convert_state_dict(load_state_dict_file(path), source.format), extra
+
+
+def _download(source: Any, url: str, filename: str) -> Path:
+    target = cache_dir() / "weights" / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if source.kind == "hf_hub":
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(source.ref, filename))
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+        return target
+    except Exception as err:
+        raise WeightsError(
+            f"could not download {filename} from {url if source.kind != 'hf_hub' else source.ref} "
+            f"({type(err).__name__}: {err}). Without internet, download it elsewhere and put it in "
+            f"{target.parent} (or a folder listed in RESNETLAB_WEIGHTS_PATH), or pass pretrained=PATH"
+        ) from err
+
+
+# ---------------------------------------------------------------------------- save_pretrained layout
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (the Hugging Face layout) into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    meta = {
+        "resnetlab_format": FORMAT_VERSION,
+        "architecture": getattr(model, "name", None),
+        "config": model.config.to_dict(),  # type: ignore[union-attr]
+        "weights_sha256": sha256_file(directory / WEIGHTS_FILE),
+        **(extra or {}),
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{directory} is not a resnetlab model folder: {CONFIG_FILE} is missing") from None
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise WeightsError(f"{path} has no 'config' entry: not written by save_pretrained")
+    return meta
+
+
+def load_pretrained_dir(directory: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Any], StateDict]:
+    meta = read_pretrained_config(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    expected = meta.get("weights_sha256")
+    if verify and expected and weights.is_file() and sha256_file(weights) != expected:
+        raise WeightsError(f"{weights} is corrupt or was modified: its sha256 differs from {CONFIG_FILE}")
+    return meta, load_state_dict_file(weights)

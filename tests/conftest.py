@@ -1,0 +1,33 @@
+"""Shared test fixtures.
+
+Tests that need the real data or weights in ``../shared`` use the ``shared_file`` fixture: on a
+user's machine a missing file skips the test with the reason; with ``CI=true`` it fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnetlab.paths import shared_dir
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _require_shared(relative: str) -> Path:
+    path = shared_dir() / relative
+    if not path.exists():
+        message = f"needs {path} (set RESNETLAB_SHARED to the shared data folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and the shared file is missing: {message}")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def shared_file():
+    """``shared_file("data/hymenoptera.zip")`` -> Path, or skip/fail as above."""
+    return _require_shared
