@@ -1,0 +1,103 @@
+"""ImageFolder layout (torchvision semantics) over any file store: a folder or an archive.
+
+``[wrapper/]{train,val,test}/<class>/**/<image>`` or ``[wrapper/]<class>/**/<image>``: a class is a
+sub-folder, classes are sorted alphabetically, and files are kept when their extension is one of
+torchvision's ``IMG_EXTENSIONS``. Single wrapper folders (``hymenoptera_data/``) are looked through.
+Files that are not images (other extensions, or a header that does not decode) are skipped at index
+time and reported in one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from resnetlab.data.images import probe_image
+from resnetlab.data.stores import FileStore
+from resnetlab.errors import DataError
+
+#: Folder names recognised as splits, and the split each one means.
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}  # fmt: skip
+
+
+@dataclass
+class FolderIndex:
+    """Which files belong to which split and class."""
+
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]  # split -> [(file name in the store, class index)]
+    skipped: list[str] = field(default_factory=list)  # "name (reason)" for every file left out
+
+
+def _is_hidden(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def index_image_folder(
+    names: Iterable[str], *, where: str, extensions: tuple[str, ...] = IMG_EXTENSIONS
+) -> FolderIndex:
+    """Index relative POSIX file names into splits and classes (see the module docstring)."""
+    paths = [tuple(n.split("/")) for n in names]
+    paths = [p for p in paths if not _is_hidden(p)]
+    depth = 0  # how many single wrapper folders to look through
+    while (
+        paths
+        and all(len(p) >= depth + 3 for p in paths)
+        and len({p[depth] for p in paths}) == 1
+        and paths[0][depth].lower() not in SPLIT_ALIASES
+    ):
+        depth += 1
+    has_splits = any(len(p) > depth + 2 and p[depth].lower() in SPLIT_ALIASES for p in paths)
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    skipped: list[str] = []
+    for parts in sorted(paths):
+        name = "/".join(parts)
+        rest = parts[depth:]
+        if has_splits:
+            split = SPLIT_ALIASES.get(rest[0].lower()) if len(rest) >= 3 else None
+            rest = rest[1:]
+        else:
+            split = "train" if len(rest) >= 2 else None
+        if split is None:
+            skipped.append(f"{name} (outside the <split>/<class>/ layout)")
+        elif not name.lower().endswith(extensions):
+            skipped.append(f"{name} (not an image extension)")
+        else:
+            by_split.setdefault(split, []).append((name, rest[0]))
+    classes = sorted({cls for samples in by_split.values() for _, cls in samples})
+    if not classes:
+        raise DataError(
+            f"no images found in {where}: expected [train|val|test/]<class>/<image> with an extension "
+            f"in {', '.join(extensions)}"
+        )
+    class_index = {c: i for i, c in enumerate(classes)}
+    splits = {s: [(n, class_index[c]) for n, c in samples] for s, samples in by_split.items()}
+    return FolderIndex(classes, splits, skipped)
+
+
+def drop_unreadable(index: FolderIndex, store: FileStore) -> None:
+    """Move files whose header does not decode (or is a bomb) from the index to ``index.skipped``."""
+    for split, samples in index.splits.items():
+        kept = []
+        for name, target in samples:
+            try:
+                with store.open(name) as stream:
+                    probe_image(stream, name=store.describe(name))
+                kept.append((name, target))
+            except DataError as err:
+                index.skipped.append(f"{name} ({err})")
+        index.splits[split] = kept
+
+
+def warn_skipped(skipped: list[str], where: str) -> None:
+    """One warning listing the files left out of a dataset, with the reason for each."""
+    if skipped:
+        shown = "; ".join(skipped[:20]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 20 else "")
+        warnings.warn(f"{where}: skipped {len(skipped)} files: {shown}", UserWarning, stacklevel=3)

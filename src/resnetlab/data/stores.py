@@ -1,0 +1,219 @@
+"""Read-only file stores: a directory or an archive (.zip, .tar, .tar.gz, .tar.xz, .tar.bz2).
+
+Archives are read in place and never extracted, so nothing can be written anywhere. Members with absolute
+paths or ``..`` components make the whole archive refused (it is malformed or hostile); links and device
+entries are ignored with a warning and never followed. In a directory, symlinks that lead outside the
+root are skipped with a warning unless ``follow_symlinks=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import warnings
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Protocol
+
+from resnetlab.errors import DataError
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz")
+#: A single member larger than this is refused (zip bombs declare absurd sizes).
+MAX_MEMBER_BYTES = 1 << 30
+
+
+class FileStore(Protocol):
+    """What the dataset readers need: relative POSIX names, and a binary stream for each."""
+
+    names: list[str]
+
+    def open(self, name: str) -> BinaryIO: ...
+
+    def describe(self, name: str) -> str: ...
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def open_store(path: str | os.PathLike, *, follow_symlinks: bool = False) -> FileStore:
+    """A :class:`DirectoryStore` or an archive store for ``path``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return DirectoryStore(path, follow_symlinks=follow_symlinks)
+    if not path.is_file():
+        raise DataError(f"dataset not found: {path}")
+    if str(path).lower().endswith(".zip"):
+        return ZipStore(path)
+    if is_archive(path):
+        return TarStore(path)
+    raise DataError(f"{path} is neither a folder nor a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
+
+
+def safe_member_name(name: str, archive: Path) -> str:
+    """Normalised relative name of an archive member; DataError for absolute or ``..`` paths."""
+    posix = name.replace("\\", "/")
+    parts = PurePosixPath(posix).parts
+    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":") or ".." in parts:
+        raise DataError(
+            f"refusing archive {archive}: member {name!r} has an absolute or '..' path "
+            "(path traversal; the archive is malformed or hostile)"
+        )
+    return "/".join(parts)
+
+
+def _warn_ignored(what: str, where: Path, names: list[str]) -> None:
+    if names:
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        warnings.warn(f"{where}: ignored {len(names)} {what}: {shown}", UserWarning, stacklevel=3)
+
+
+class DirectoryStore:
+    """Files under a folder, as relative POSIX names (symlink policy in the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike, *, follow_symlinks: bool = False) -> None:
+        self.root = Path(root).expanduser()
+        self.follow_symlinks = follow_symlinks
+        self.names = self._walk()
+
+    def _walk(self) -> list[str]:
+        real_root = os.path.realpath(self.root)
+        names: list[str] = []
+        escaping: list[str] = []
+        visited: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in visited:  # a symlink cycle or a second link to the same folder
+                dirnames[:] = []
+                continue
+            visited.add(real)
+            relative_dir = Path(dirpath).relative_to(self.root)
+            kept_dirs = []
+            for name in sorted(dirnames):
+                if self._escapes(os.path.join(dirpath, name), real_root):
+                    escaping.append((relative_dir / name).as_posix() + "/")
+                else:
+                    kept_dirs.append(name)
+            dirnames[:] = kept_dirs
+            for name in sorted(filenames):
+                if self._escapes(os.path.join(dirpath, name), real_root):
+                    escaping.append((relative_dir / name).as_posix())
+                else:
+                    names.append((relative_dir / name).as_posix())
+        _warn_ignored("symlinks leading outside the folder (pass follow_symlinks=True to follow them)",
+                      self.root, escaping)  # fmt: skip
+        return names
+
+    def _escapes(self, path: str, real_root: str) -> bool:
+        if self.follow_symlinks or not os.path.islink(path):
+            return False
+        target = os.path.realpath(path)
+        return os.path.commonpath([target, real_root]) != real_root
+
+    def open(self, name: str) -> BinaryIO:
+        try:
+            return open(self.root / name, "rb")
+        except OSError as err:
+            raise DataError(f"cannot read {self.describe(name)}: {err}") from err
+
+    def describe(self, name: str) -> str:
+        return str(self.root / name)
+
+
+class _ArchiveStore:
+    """Shared parts of the archive stores: per-process handles (DataLoader workers) and naming."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: object | None = None
+        self._pid = -1
+
+    def describe(self, name: str) -> str:
+        return f"{self.path}:{name}"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None, "_pid": -1}
+
+    def _check_size(self, name: str, size: int) -> None:
+        if size > MAX_MEMBER_BYTES:
+            raise DataError(f"refusing {self.describe(name)}: {size} bytes exceeds {MAX_MEMBER_BYTES}")
+
+
+class ZipStore(_ArchiveStore):
+    """Random access into a .zip through its central directory."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._infos: dict[str, zipfile.ZipInfo] = {}
+        links: list[str] = []
+        for info in self._zip().infolist():
+            name = safe_member_name(info.filename, path)
+            if info.is_dir() or not name:
+                continue
+            if stat.S_ISLNK(info.external_attr >> 16):
+                links.append(name)
+                continue
+            self._infos[name] = info
+        self.names = list(self._infos)
+        _warn_ignored("symlink members (never followed)", path, links)
+
+    def _zip(self) -> zipfile.ZipFile:
+        if self._handle is None or self._pid != os.getpid():
+            try:
+                self._handle = zipfile.ZipFile(self.path)
+            except (OSError, zipfile.BadZipFile, ValueError) as err:
+                raise DataError(f"cannot read zip archive {self.path}: {err}") from err
+            self._pid = os.getpid()
+        return self._handle  # type: ignore[return-value]
+
+    def open(self, name: str) -> BinaryIO:
+        info = self._infos[name]
+        self._check_size(name, info.file_size)
+        try:
+            return io.BytesIO(self._zip().read(info))
+        except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError) as err:
+            raise DataError(f"cannot read {self.describe(name)}: {err}") from err
+
+
+class TarStore(_ArchiveStore):
+    """A tar archive: random access by offset when uncompressed; compressed ones (.tar.gz/.xz/.bz2)
+    can only be read front to back, so their members are read once, in one pass, into memory."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.compressed = not str(path).lower().endswith(".tar")
+        self._members: dict[str, tarfile.TarInfo] = {}
+        self._contents: dict[str, bytes] = {}
+        links: list[str] = []
+        try:
+            with tarfile.open(path) as archive:
+                for member in archive:
+                    name = safe_member_name(member.name, path)
+                    if member.isdir() or not name:
+                        continue
+                    if not member.isfile() or member.issparse():
+                        links.append(name)
+                        continue
+                    self._check_size(name, member.size)
+                    self._members[name] = member
+                    if self.compressed:
+                        self._contents[name] = archive.extractfile(member).read()  # type: ignore[union-attr]
+        except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+            raise DataError(f"cannot read tar archive {path}: {err}") from err
+        self.names = list(self._members)
+        _warn_ignored("link or special members (never followed)", path, links)
+
+    def open(self, name: str) -> BinaryIO:
+        if self.compressed:
+            return io.BytesIO(self._contents[name])
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115 - kept open
+        member = self._members[name]
+        handle: BinaryIO = self._handle  # type: ignore[assignment]
+        handle.seek(member.offset_data)
+        data = handle.read(member.size)
+        if len(data) != member.size:
+            raise DataError(f"cannot read {self.describe(name)}: archive is truncated")
+        return io.BytesIO(data)

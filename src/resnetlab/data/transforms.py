@@ -1,0 +1,129 @@
+"""Training and evaluation transforms (torchvision.transforms.v2), plus batch-level MixUp/CutMix.
+
+Every transform accepts a PIL image or a uint8 tensor ``(C, H, W)`` and returns a normalised float tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from resnetlab.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ``auto_augment=`` names (and aliases) -> policy.
+AUTO_AUGMENT_NAMES = {
+    "trivialaugment": "trivialaugment", "ta": "trivialaugment", "trivial": "trivialaugment",
+    "autoaugment": "autoaugment", "aa": "autoaugment",
+    "randaugment": "randaugment", "ra": "randaugment",
+    "augmix": "augmix",
+}  # fmt: skip
+
+
+def auto_augment_transform(name: str | None, *, small_images: bool = False) -> list[v2.Transform]:
+    """The policy ``name`` (see AUTO_AUGMENT_NAMES); AutoAugment uses its CIFAR-10 policy on small images."""
+    if name is None or name.lower() == "none":
+        return []
+    policy = AUTO_AUGMENT_NAMES.get(name.lower())
+    if policy == "trivialaugment":
+        return [v2.TrivialAugmentWide()]
+    if policy == "autoaugment":
+        which = v2.AutoAugmentPolicy.CIFAR10 if small_images else v2.AutoAugmentPolicy.IMAGENET
+        return [v2.AutoAugment(which)]
+    if policy == "randaugment":
+        return [v2.RandAugment()]
+    if policy == "augmix":
+        return [v2.AugMix()]
+    raise ConfigError(f"unknown auto_augment {name!r}; choose one of {sorted(set(AUTO_AUGMENT_NAMES.values()))}")
+
+
+def _to_normalized(mean: Sequence[float], std: Sequence[float], random_erasing: float = 0.0) -> list[v2.Transform]:
+    steps = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if random_erasing > 0:
+        steps.append(v2.RandomErasing(p=random_erasing))
+    return steps
+
+
+def cifar_train_transform(
+    image_size: int = 32,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    padding: int | None = None,
+    hflip: bool = True,
+    auto_augment: str | None = None,
+    random_erasing: float = 0.0,
+) -> v2.Compose:
+    """The ResNet paper's CIFAR recipe: zero-pad 4 (``image_size // 8``), random crop, horizontal flip.
+
+    Images of another size are first resized to ``image_size`` (a no-op when they already match).
+    """
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.Resize((image_size, image_size)),
+        v2.RandomCrop(image_size, padding=image_size // 8 if padding is None else padding),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += auto_augment_transform(auto_augment, small_images=True)
+    return v2.Compose(steps + _to_normalized(mean, std, random_erasing))
+
+
+def imagenet_train_transform(
+    image_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    hflip: bool = True,
+    auto_augment: str | None = None,
+    random_erasing: float = 0.0,
+) -> v2.Compose:
+    """ImageNet-style training: RandomResizedCrop, flip, optional auto-augment policy, RandomErasing."""
+    steps: list[v2.Transform] = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=scale)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += auto_augment_transform(auto_augment)
+    return v2.Compose(steps + _to_normalized(mean, std, random_erasing))
+
+
+class StackCrops(torch.nn.Module):
+    """Turn the tuple of crops from ``TenCrop`` into one ``(n_crops, C, H, W)`` tensor."""
+
+    def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([c.as_subclass(torch.Tensor) for c in crops])
+
+
+def eval_transform(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    crop_pct: float = 0.875,
+    ten_crop: bool = False,
+) -> v2.Compose:
+    """Resize the shorter side to ``image_size / crop_pct``, then a center crop (or ten crops, stacked
+    as ``(10, C, H, W)``). With ``crop_pct=1`` an image already at ``image_size`` is left as it is."""
+    if not 0 < crop_pct <= 1:
+        raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    crop: list[v2.Transform] = [v2.TenCrop(image_size)] if ten_crop else [v2.CenterCrop(image_size)]
+    steps = [v2.ToImage(), v2.Resize(round(image_size / crop_pct)), *crop, *_to_normalized(mean, std)]
+    return v2.Compose(steps + ([StackCrops()] if ten_crop else []))
+
+
+def mixup_cutmix(
+    num_classes: int, *, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """A batch transform ``(images, labels) -> (mixed images, soft labels (B, num_classes))`` that applies
+    MixUp or CutMix (chosen at random per batch); None when both alphas are 0."""
+    ops: list[v2.Transform] = []
+    if mixup_alpha > 0:
+        ops.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        ops.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
