@@ -212,7 +212,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
         squares += block.square().sum(dim=(0, 2, 3))
     count = images.numel() / images.shape[1]
     mean = total / count
-    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    std = (squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)  # constant channel: no 0/0
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 

@@ -45,6 +45,8 @@ def _open(source: ImageSource, label: str, max_pixels: int | None) -> Image.Imag
         raise DataError(f"image file not found: {label}")
     try:
         image = Image.open(source)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"refusing image {label}: {err}") from err
     except _DECODE_ERRORS as err:
         raise DataError(f"not a readable image: {label} ({type(err).__name__}: {err})") from err
     width, height = image.size

@@ -1,0 +1,202 @@
+"""File stores and the ImageFolder index: archives read in place, hostile archives refused, symlinks."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from resnetlab.data import build_data, open_store
+from resnetlab.data.folders import index_image_folder
+from resnetlab.errors import DataError
+
+LAYOUT = {
+    "pets/train/cat/0.png": (255, 0, 0),
+    "pets/train/cat/1.png": (250, 0, 0),
+    "pets/train/dog/0.png": (0, 255, 0),
+    "pets/train/dog/sub/1.png": (0, 250, 0),
+    "pets/val/cat/2.png": (245, 0, 0),
+    "pets/val/dog/2.png": (0, 245, 0),
+}
+
+
+def png(color, size=(8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def files() -> dict[str, bytes]:
+    content = {name: png(color) for name, color in LAYOUT.items()}
+    content["pets/train/README.txt"] = b"not an image"
+    content["pets/train/dog/.DS_Store"] = b"\0"
+    return content
+
+
+def write_zip(path: Path, content: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in content.items():
+            archive.writestr(name, data)
+    return path
+
+
+def write_tar(path: Path, content: dict[str, bytes], mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as archive:
+        for name, data in content.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_dir(root: Path, content: dict[str, bytes]) -> Path:
+    for name, data in content.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+
+
+def test_index_layouts():
+    index = index_image_folder(list(files()), where="t")
+    assert index.classes == ["cat", "dog"]
+    assert index.splits["train"] == [
+        ("pets/train/cat/0.png", 0), ("pets/train/cat/1.png", 0),
+        ("pets/train/dog/0.png", 1), ("pets/train/dog/sub/1.png", 1),
+    ]  # fmt: skip
+    assert [s for s in index.splits] == ["train", "val"]
+    assert index.skipped == ["pets/train/README.txt (outside the <split>/<class>/ layout)"]
+    flat = index_image_folder(["b/1.jpg", "a/2.JPG", "a/notes.md"], where="t")
+    assert flat.classes == ["a", "b"] and flat.splits == {"train": [("a/2.JPG", 0), ("b/1.jpg", 1)]}
+    assert flat.skipped == ["a/notes.md (not an image extension)"]
+    with pytest.raises(DataError, match="no images"):
+        index_image_folder(["a.txt"], where="t")
+
+
+@pytest.mark.parametrize("kind", ["dir", "zip", "tar", "tar.gz", "tar.xz"])
+def test_image_folder_sources_agree(tmp_path, kind):
+    content = files()
+    if kind == "dir":
+        source = write_dir(tmp_path / "pets_dir", content)
+    elif kind == "zip":
+        source = write_zip(tmp_path / "pets.zip", content)
+    else:
+        mode = {"tar": "w", "tar.gz": "w:gz", "tar.xz": "w:xz"}[kind]
+        source = write_tar(tmp_path / f"pets.{kind}", content, mode)
+    with pytest.warns(UserWarning, match="README.txt"):
+        bundle = build_data(source, augment="none")
+    assert bundle.classes == ["cat", "dog"] and bundle.in_chans == 3 and bundle.image_size == 8
+    assert (len(bundle.train), len(bundle.val), bundle.test) == (4, 2, None)
+    assert bundle.train.targets == [0, 0, 1, 1] and bundle.val.targets == [0, 1]
+    image, label = bundle.val[1]
+    assert image.shape == (3, 8, 8) and label == 1
+    pixel = image[:, 0, 0] * torch.tensor(bundle.std) + torch.tensor(bundle.mean)  # undo normalisation
+    assert pixel[1] > 0.9 and pixel[0] < 0.1  # a green dog
+    assert len(list((tmp_path / "cache" / "datasets").glob("*.safetensors"))) == 1  # small images: cached
+
+
+def test_lazy_decoding_for_large_images(tmp_path):
+    content = {f"set/{c}/{i}.png": png((i, 0, 0), size=(80, 70)) for c in ("x", "y") for i in range(3)}
+    content["set/x/broken.png"] = b"\x89PNG broken"
+    source = write_zip(tmp_path / "big.zip", content)
+    with pytest.warns(UserWarning, match=r"broken\.png"):
+        bundle = build_data(source, image_size=64, augment="imagenet")
+    assert type(bundle.train).__name__ == "LazyImageDataset" and len(bundle.train) == 6
+    assert any("broken.png" in s for s in bundle.skipped)
+    assert bundle.train[0][0].shape == (3, 64, 64) and bundle.mean == (0.485, 0.456, 0.406)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_is_reused_and_invalidated(tmp_path):
+    source = write_zip(tmp_path / "pets.zip", files())
+    with pytest.warns(UserWarning):
+        build_data(source)
+    cache_files = list((tmp_path / "cache" / "datasets").glob("*.safetensors"))
+    assert len(cache_files) == 1
+    with pytest.warns(UserWarning):
+        again = build_data(source)  # from the cache: the skipped files are still reported
+    assert len(again.train) == 4
+    os.utime(source, (1, 1))  # a changed source gets a new cache file
+    with pytest.warns(UserWarning):
+        build_data(source)
+    assert len(list((tmp_path / "cache" / "datasets").glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("bad_name", ["../evil.png", "/abs/evil.png", "pets/../../evil.png", "..\\evil.png"])
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_path_traversal_members_refuse_the_archive(tmp_path, kind, bad_name):
+    (tmp_path / "inner").mkdir()
+    content = {**files(), bad_name: png((1, 2, 3))}
+    path = tmp_path / "inner" / f"evil.{kind}"
+    write_zip(path, content) if kind == "zip" else write_tar(path, content)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(DataError, match="path traversal"):
+        build_data(path)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not (tmp_path / "evil.png").exists() and not Path("/abs/evil.png").exists()
+
+
+def test_tar_links_are_ignored_not_followed(tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png((9, 9, 9)))
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as archive:
+        for name, data in files().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for name, link_type in (("pets/train/cat/s.png", tarfile.SYMTYPE), ("pets/train/cat/h.png", tarfile.LNKTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = link_type, str(secret)
+            archive.addfile(link)
+    with pytest.warns(UserWarning, match="link or special members"):
+        store = open_store(path)
+    assert not any(n.endswith(("/s.png", "/h.png")) for n in store.names)
+
+
+def test_zip_symlink_members_are_ignored(tmp_path):
+    path = write_zip(tmp_path / "links.zip", files())
+    with zipfile.ZipFile(path, "a") as archive:
+        info = zipfile.ZipInfo("pets/train/cat/link.png")
+        info.create_system = 3
+        info.external_attr = (0o120777 << 16)
+        archive.writestr(info, "/etc/passwd")
+    with pytest.warns(UserWarning, match="symlink members"):
+        store = open_store(path)
+    assert "pets/train/cat/link.png" not in store.names
+
+
+def test_directory_symlinks_outside_root_need_follow_symlinks(tmp_path):
+    root = write_dir(tmp_path / "root", {k: v for k, v in files().items() if k.startswith("pets/train/")})
+    outside = write_dir(tmp_path / "outside", {"cow/0.png": png((1, 1, 1)), "x.png": png((2, 2, 2))})
+    (root / "pets/train/cow").symlink_to(outside / "cow", target_is_directory=True)
+    (root / "pets/train/cat/escape.png").symlink_to(outside / "x.png")
+    (root / "pets/train/cat/inside.png").symlink_to(root / "pets/train/cat/0.png")
+    (root / "pets/train/dog/loop").symlink_to(root / "pets", target_is_directory=True)  # a cycle
+    with pytest.warns(UserWarning, match="symlinks leading outside"):
+        names = open_store(root).names
+    assert "pets/train/cat/inside.png" in names
+    assert not any("cow" in n or "escape" in n for n in names)
+    followed = open_store(root, follow_symlinks=True).names
+    assert "pets/train/cow/0.png" in followed and "pets/train/cat/escape.png" in followed
+
+
+def test_not_an_archive_or_missing(tmp_path):
+    (tmp_path / "x.rar").write_bytes(b"rar")
+    with pytest.raises(DataError, match="neither a folder nor a supported archive"):
+        build_data(tmp_path / "x.rar")
+    (tmp_path / "bad.zip").write_bytes(b"PK not really")
+    with pytest.raises(DataError, match=r"bad\.zip"):
+        build_data(tmp_path / "bad.zip")
+    with pytest.raises(DataError, match="dataset not found"):
+        build_data(tmp_path / "missing")

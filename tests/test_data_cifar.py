@@ -1,0 +1,165 @@
+"""The CIFAR python-format reader, on small batch files written here in the official pickled format."""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resnetlab.data import CIFAR10_CLASSES, CIFAR10_MEAN, build_data
+from resnetlab.data.cifar import cifar_batch_arrays, read_cifar_pickle
+from resnetlab.errors import DataError
+
+PER_BATCH = 4
+
+
+def dump(path: Path, obj: object, protocol: int = 2) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+
+
+def batch(start: int, count: int, label_key: bytes = b"labels", classes: int = 10) -> dict:
+    data = (np.arange(count * 3072, dtype=np.int64).reshape(count, 3072) + start) % 251
+    return {
+        b"batch_label": b"testing batch",
+        label_key: [(start + i) % classes for i in range(count)],
+        b"data": data.astype(np.uint8),
+        b"filenames": [f"img_{start + i}.png".encode() for i in range(count)],
+    }
+
+
+def write_cifar10(folder: Path, protocol: int = 2) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        dump(folder / f"data_batch_{i}", batch(i * PER_BATCH, PER_BATCH), protocol)
+    dump(folder / "test_batch", batch(0, 3), protocol)
+    dump(folder / "batches.meta", {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}, protocol)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_folder(tmp_path, protocol):
+    folder = write_cifar10(tmp_path / "cifar-10-batches-py", protocol)
+    bundle = build_data(folder, augment="none")
+    assert bundle.name == "cifar10" and bundle.classes == list(CIFAR10_CLASSES)
+    assert (len(bundle.train), len(bundle.test), bundle.in_chans, bundle.image_size) == (20, 3, 3, 32)
+    assert bundle.mean == CIFAR10_MEAN
+    assert bundle.train.targets == [(PER_BATCH + i) % 10 for i in range(20)]
+    raw = bundle.train.get_image(0)
+    expected = batch(PER_BATCH, 1)[b"data"][0]
+    assert raw.shape == (3, 32, 32) and raw[1, 0, 0] == expected[1024] and raw[2, 31, 31] == expected[3071]
+    assert bundle.train[0][0].shape == (3, 32, 32)
+    assert len(build_data(tmp_path, augment="none").train) == 20  # the parent folder works too
+
+
+def test_cifar10_official_tarball_is_read_in_place(tmp_path):
+    write_cifar10(tmp_path / "src" / "cifar-10-batches-py")
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    assert len(build_data(root / "cifar-10-python.tar.gz").test) == 3
+    bundle = build_data("cifar10", root=root, val_split=10, seed=3)  # found by name under root
+    assert (len(bundle.train), len(bundle.val)) == (10, 10)
+    assert not (root / "cifar-10-batches-py").exists()  # nothing was extracted
+
+
+def test_cifar100(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for split, start, count in (("train", 0, 12), ("test", 100, 5)):
+        content = batch(start, count, b"fine_labels", 100)
+        content[b"coarse_labels"] = [0] * count
+        dump(folder / split, content)
+    dump(folder / "meta", {b"fine_label_names": [f"c{i:02d}".encode() for i in range(100)],
+                           b"coarse_label_names": [b"x"] * 20})  # fmt: skip
+    bundle = build_data(folder)
+    assert bundle.name == "cifar100" and len(bundle.classes) == 100 and bundle.classes[7] == "c07"
+    assert (len(bundle.train), len(bundle.test)) == (12, 5) and bundle.test.targets[0] == 0
+
+
+def test_named_cifar_offline(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="download=True"):
+        build_data("cifar10", root=tmp_path)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", offline)
+    with pytest.raises(DataError, match="could not download cifar100"):
+        build_data("cifar100", root=tmp_path, download=True)
+
+
+class Evil:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("wrap", [lambda e: e, lambda e: {b"data": np.array([e], dtype=object), b"labels": []}])
+def test_unsafe_pickles_are_refused_without_running_them(tmp_path, wrap):
+    target = tmp_path / "pwned"
+    with pytest.raises(DataError, match="forbidden"):
+        read_cifar_pickle(pickle.dumps(wrap(Evil(target)), protocol=2), name="evil_batch")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ([1, 2], "expected a dict"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "uint8"),
+        ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, r"\(N, 3072\)"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "2 images but 1"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, "outside"),
+        ({b"data": np.zeros((2, 3072), np.uint8)}, "missing"),
+    ],
+)
+def test_malformed_batches(content, message):
+    with pytest.raises(DataError, match=message):
+        cifar_batch_arrays(read_cifar_pickle(pickle.dumps(content, protocol=2)), "labels", 10)
+
+
+def test_truncated_batch_file(tmp_path):
+    folder = write_cifar10(tmp_path / "cifar-10-batches-py")
+    data = (folder / "data_batch_3").read_bytes()
+    (folder / "data_batch_3").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="data_batch_3"):
+        build_data(folder)
+
+
+def _read(data: bytes) -> None:
+    with contextlib.suppress(DataError):
+        cifar_batch_arrays(read_cifar_pickle(data), "labels", 10)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_fuzz_random_bytes_only_raise_data_error(data):
+    _read(data)
+
+
+_VALID = [pickle.dumps(batch(0, 1), protocol=p) for p in (2, 4, 5)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_VALID), st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=6),
+       st.integers(0, 1 << 16))  # fmt: skip
+def test_fuzz_corrupted_batches_only_raise_data_error(valid, edits, cut):
+    data = bytearray(valid)
+    for position, value in edits:
+        data[position % len(data)] = value
+    _read(bytes(data[: max(1, cut % (len(data) + 1))]))
