@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": type(err).__name__, "message": str(err)}))
         print(f"resnetlab: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `resnetlab models | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("resnetlab: interrupted", file=sys.stderr)
         return 130

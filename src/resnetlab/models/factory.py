@@ -109,9 +109,10 @@ def model_info(name: str, input_size: tuple[int, int, int] | None = None, **over
     size = input_size or c.input_size
     h, w = size[1], size[2]
     stages = []
-    for info, num_blocks in zip(model.feature_info[1:], c.layers):
+    for info, num_blocks in zip(model.feature_info, (0, *c.layers)):
         stages.append(dict(
-            name=info["module"], blocks=num_blocks, channels=info["num_chs"], stride=info["reduction"],
+            name=info["module"] if num_blocks else f"stem ({c.stem})", blocks=num_blocks,
+            channels=info["num_chs"], stride=info["reduction"],
             output=f"{info['num_chs']}x{-(-h // info['reduction'])}x{-(-w // info['reduction'])}",
         ))  # fmt: skip
     entry = MODELS[name]
@@ -131,7 +132,6 @@ def model_info(name: str, input_size: tuple[int, int, int] | None = None, **over
         std=c.std,
         crop_pct=c.crop_pct,
         num_classes=c.num_classes,
-        stem_channels=c.stem_channels,
         stages=stages,
         weights=list(entry.weights),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,4 +188,9 @@ def get_config(name: str, **overrides: Any) -> ResNetConfig:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names matching a shell-style pattern, e.g. ``list_models("resnet*d")``."""
-    return sorted(n for n in MODELS if fnmatch.fnmatch(n, pattern))
+    return sorted((n for n in MODELS if fnmatch.fnmatch(n, pattern)), key=_natural_key)
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort resnet18 < resnet34 < resnet101 rather than alphabetically."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -212,10 +212,10 @@ def load_weights(model: nn.Module, sd: StateDict, *, origin: str = "checkpoint",
     conv_key = first_conv_key(model)
     if conv_key in sd and conv_key in own and sd[conv_key].shape[1] != own[conv_key].shape[1]:
         sd[conv_key] = adapt_input_conv(sd[conv_key], own[conv_key].shape[1])
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and v.shape != own[k].shape
+    mismatched = [  # in the model's order, so the first message names the first layer that differs
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
     ]
     if mismatched:
         raise WeightsError(

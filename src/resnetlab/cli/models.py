@@ -1,0 +1,61 @@
+"""``resnetlab models [PATTERN]`` and ``resnetlab info NAME``."""
+
+from __future__ import annotations
+
+import argparse
+
+from resnetlab.cli.common import add_json_flag, format_table, print_json
+from resnetlab.models import list_models, model_info
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the named architectures", description=models.__doc__)
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*' or '*wrn*'")
+    add_json_flag(p)
+    p.set_defaults(func=models)
+
+    p = sub.add_parser("info", help="describe one architecture stage by stage", description=info.__doc__)
+    p.add_argument("name")
+    p.add_argument("--image-size", type=int, help="input side for FLOPs and output shapes (default: the model's)")
+    add_json_flag(p)
+    p.set_defaults(func=info)
+
+
+def models(args: argparse.Namespace) -> int:
+    """A table of every named model: parameters, GFLOPs at its default input size, block and shortcut."""
+    infos = [model_info(name) for name in list_models(args.pattern)]
+    if args.json:
+        print_json({"models": infos})
+        return 0
+    rows = []
+    for i in infos:
+        rows.append(dict(
+            name=i["name"], params=f"{i['params'] / 1e6:.2f}M", gflops=f"{i['gflops']:.2f}",
+            input=f"{i['input_size'][1]}px", block=i["block"], shortcut=i["shortcut"], depth=i["depth"],
+            weights=",".join(i["weights"]) or "-",
+        ))  # fmt: skip
+    if rows:
+        print(format_table(rows, ["name", "params", "gflops", "input", "depth", "block", "shortcut", "weights"]))
+    else:
+        print(f"no model matches {args.pattern!r}")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    """Per-stage table (blocks, channels, stride, output shape) and the model's facts."""
+    size = (3, args.image_size, args.image_size) if args.image_size else None
+    i = model_info(args.name, input_size=size)
+    if args.json:
+        print_json(i)
+        return 0
+    reference = (
+        f" (published: {i['reference_params'] / 1e6:.2f}M, {i['params_source']})" if i["reference_params"] else ""
+    )
+    print(f"{i['name']}: {i['description']}")
+    print(f"  parameters  {i['params']:,}{reference}")
+    print(f"  GFLOPs      {i['gflops']:.3f} at {i['input_size'][1]}x{i['input_size'][2]}")
+    print(f"  depth       {i['depth']} weighted layers, {i['block']} blocks, shortcut {i['shortcut']}")
+    print(f"  input       {i['input_size']}, mean {i['mean']}, std {i['std']}, crop_pct {i['crop_pct']}")
+    print(f"  weights     {', '.join(i['weights']) or 'none published'}\n")
+    print(format_table(i["stages"], ["name", "blocks", "channels", "stride", "output"]))
+    return 0
