@@ -200,3 +200,15 @@ def test_not_an_archive_or_missing(tmp_path):
         build_data(tmp_path / "bad.zip")
     with pytest.raises(DataError, match="dataset not found"):
         build_data(tmp_path / "missing")
+
+
+def test_small_images_without_cache_or_of_mixed_sizes_decode_per_item(tmp_path):
+    source = write_dir(tmp_path / "pets", files())
+    with pytest.warns(UserWarning):
+        lazy = build_data(source, cache=False)
+    assert type(lazy.train).__name__ == "LazyImageDataset" and lazy.image_size == 8 and lazy.augment == "cifar"
+    (source / "pets/train/cat/odd.png").write_bytes(png((1, 1, 1), size=(9, 8)))
+    with pytest.warns(UserWarning, match="differ in size"):
+        mixed = build_data(source, image_size=8)
+    assert type(mixed.train).__name__ == "LazyImageDataset" and len(mixed.train) == 5
+    assert mixed.train[2][0].shape == (3, 8, 8)

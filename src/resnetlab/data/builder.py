@@ -26,7 +26,7 @@ from resnetlab.data.datasets import ImageDataset, LazyImageDataset, TensorImageD
 from resnetlab.data.digits import DIGITS_CLASSES, DIGITS_IMAGE_SIZE, load_digits
 from resnetlab.data.folders import FolderIndex, drop_unreadable, index_image_folder, warn_skipped
 from resnetlab.data.images import probe_image
-from resnetlab.data.stores import FileStore, open_store
+from resnetlab.data.stores import ARCHIVE_SUFFIXES, FileStore, open_store
 from resnetlab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -151,6 +151,7 @@ def build_data(
     loaded = _load_source(source, image_size=image_size, download=download, cache=cache,
                           follow_symlinks=follow_symlinks, check_images=check_images, mode=mode,
                           root=Path(root) if root else cache_dir() / "datasets")  # fmt: skip
+    warn_skipped(loaded.skipped, str(source or loaded.name), stacklevel=2)
     size = image_size or loaded.native_size or PHOTO_IMAGE_SIZE
     mean, std = _normalisation(loaded, mean, std)
     recipe = augment.lower()
@@ -243,7 +244,8 @@ def _load_source(source: str | os.PathLike | None, *, image_size: int | None, do
     index = index_image_folder(store.names, where=str(path))
     first_name = next(name for samples in index.splits.values() for name, _ in samples[:1])
     with store.open(first_name) as stream:
-        small = max(probe_image(stream, name=store.describe(first_name))) <= SMALL_IMAGE_MAX
+        first_side = max(probe_image(stream, name=store.describe(first_name)))
+    small = first_side <= SMALL_IMAGE_MAX
     if cache or (cache is None and small):
         cache_file = cache_file_for(path, tag=tag)
         if path.is_dir() and (hit := load_cache(cache_file)):
@@ -254,14 +256,14 @@ def _load_source(source: str | os.PathLike | None, *, image_size: int | None, do
             return _from_cache(tensors, metadata)
     if check_images:
         drop_unreadable(index, store)
-    warn_skipped(index.skipped, str(path))
     splits = {s: LazyImageDataset(store, samples, index.classes, mode=mode) for s, samples in index.splits.items()}
-    return _Loaded(_dataset_name(path), dict(splits), index.classes, len(mode), skipped=index.skipped)
+    return _Loaded(_dataset_name(path), dict(splits), index.classes, len(mode),
+                   native_size=first_side if small else None, skipped=index.skipped)  # fmt: skip
 
 
 def _dataset_name(path: Path) -> str:
     name = path.name
-    for suffix in (".tar.gz", ".tar.xz", ".tar.bz2", ".tgz", ".txz", ".zip", ".tar"):
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -291,6 +293,7 @@ def _decode_folder(path: Path, store: FileStore, index: FolderIndex,
                    mode: str) -> tuple[dict[str, torch.Tensor] | None, dict]:  # fmt: skip
     """Decode every split into uint8 tensors (None if the images differ in size)."""
     tensors: dict[str, torch.Tensor] = {}
+    unreadable: list[str] = []
     for split, samples in index.splits.items():
         decoded = decode_all(store, samples, mode)
         if decoded is None:
@@ -298,11 +301,12 @@ def _decode_folder(path: Path, store: FileStore, index: FolderIndex,
             return None, {}
         images, targets, skipped = decoded
         tensors[f"{split}.images"], tensors[f"{split}.targets"] = torch.from_numpy(images), torch.from_numpy(targets)
-        index.skipped += skipped
+        unreadable += skipped
     sizes = {tuple(t.shape[1:]) for k, t in tensors.items() if k.endswith(".images")}
     if len(sizes) != 1:
         warnings.warn(f"{path}: splits differ in image size, so they are decoded per item (no cache)", stacklevel=3)
         return None, {}
+    index.skipped += unreadable
     reference = tensors.get("train.images", next(iter(tensors.values())))
     mean, std = channel_stats(reference)
     metadata = {"name": _dataset_name(path), "classes": index.classes, "skipped": index.skipped,
@@ -320,6 +324,5 @@ def _from_cache(tensors: dict[str, torch.Tensor], metadata: dict) -> _Loaded:
     first = next(iter(splits.values()))
     shape = first.images.shape  # type: ignore[attr-defined]
     skipped = list(metadata.get("skipped", []))
-    warn_skipped(skipped, metadata["name"])
     return _Loaded(metadata["name"], splits, classes, shape[1], max(shape[-2:]),
                    tuple(metadata["mean"]), tuple(metadata["std"]), skipped=skipped)  # fmt: skip

@@ -96,8 +96,8 @@ def drop_unreadable(index: FolderIndex, store: FileStore) -> None:
         index.splits[split] = kept
 
 
-def warn_skipped(skipped: list[str], where: str) -> None:
+def warn_skipped(skipped: list[str], where: str, *, stacklevel: int = 2) -> None:
     """One warning listing the files left out of a dataset, with the reason for each."""
     if skipped:
         shown = "; ".join(skipped[:20]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 20 else "")
-        warnings.warn(f"{where}: skipped {len(skipped)} files: {shown}", UserWarning, stacklevel=3)
+        warnings.warn(f"{where}: skipped {len(skipped)} files: {shown}", UserWarning, stacklevel=stacklevel + 1)
