@@ -202,6 +202,7 @@ def test_not_an_archive_or_missing(tmp_path):
         build_data(tmp_path / "missing")
 
 
+@pytest.mark.filterwarnings("ignore:.*README.txt")
 def test_small_images_without_cache_or_of_mixed_sizes_decode_per_item(tmp_path):
     source = write_dir(tmp_path / "pets", files())
     with pytest.warns(UserWarning):
@@ -211,4 +212,4 @@ def test_small_images_without_cache_or_of_mixed_sizes_decode_per_item(tmp_path):
     with pytest.warns(UserWarning, match="differ in size"):
         mixed = build_data(source, image_size=8)
     assert type(mixed.train).__name__ == "LazyImageDataset" and len(mixed.train) == 5
-    assert mixed.train[2][0].shape == (3, 8, 8)
+    assert {tuple(mixed.train[i][0].shape) for i in range(5)} == {(3, 8, 8)}

@@ -159,14 +159,18 @@ def build_data(
         raise ConfigError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
     if recipe == "auto":
         recipe = "cifar" if size <= SMALL_IMAGE_MAX else "imagenet"
-    eval_tf = eval_transform(size, mean, std, ten_crop=ten_crop,
+    # every image of a tensor dataset has the native size, so resizing to it can be left out
+    native = loaded.native_size if all(isinstance(d, TensorImageDataset) for d in loaded.splits.values()) else None
+    eval_tf = eval_transform(size, mean, std, ten_crop=ten_crop, source_size=native,
                              crop_pct=crop_pct or (1.0 if size <= SMALL_IMAGE_MAX else 0.875))  # fmt: skip
     if recipe == "none":
-        train_tf = eval_transform(size, mean, std, crop_pct=crop_pct or 1.0)
+        train_tf = eval_transform(size, mean, std, crop_pct=crop_pct or 1.0, source_size=native)
+    elif recipe == "cifar":
+        train_tf = cifar_train_transform(size, mean, std, hflip=loaded.hflip, auto_augment=auto_augment,
+                                         random_erasing=random_erasing, source_size=native)  # fmt: skip
     else:
-        make = cifar_train_transform if recipe == "cifar" else imagenet_train_transform
-        train_tf = make(size, mean, std, hflip=loaded.hflip, auto_augment=auto_augment,
-                        random_erasing=random_erasing)  # fmt: skip
+        train_tf = imagenet_train_transform(size, mean, std, hflip=loaded.hflip, auto_augment=auto_augment,
+                                            random_erasing=random_erasing)  # fmt: skip
 
     splits = loaded.splits
     if "train" not in splits:

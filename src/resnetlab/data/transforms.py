@@ -56,16 +56,16 @@ def cifar_train_transform(
     hflip: bool = True,
     auto_augment: str | None = None,
     random_erasing: float = 0.0,
+    source_size: int | None = None,
 ) -> v2.Compose:
     """The ResNet paper's CIFAR recipe: zero-pad 4 (``image_size // 8``), random crop, horizontal flip.
 
-    Images of another size are first resized to ``image_size`` (a no-op when they already match).
+    Images are first resized to ``image_size``, a step left out when ``source_size`` says they match.
     """
-    steps: list[v2.Transform] = [
-        v2.ToImage(),
-        v2.Resize((image_size, image_size)),
-        v2.RandomCrop(image_size, padding=image_size // 8 if padding is None else padding),
-    ]
+    steps: list[v2.Transform] = [v2.ToImage()]
+    if source_size != image_size:
+        steps.append(v2.Resize((image_size, image_size)))
+    steps.append(v2.RandomCrop(image_size, padding=image_size // 8 if padding is None else padding))
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     steps += auto_augment_transform(auto_augment, small_images=True)
@@ -104,13 +104,18 @@ def eval_transform(
     *,
     crop_pct: float = 0.875,
     ten_crop: bool = False,
+    source_size: int | None = None,
 ) -> v2.Compose:
     """Resize the shorter side to ``image_size / crop_pct``, then a center crop (or ten crops, stacked
-    as ``(10, C, H, W)``). With ``crop_pct=1`` an image already at ``image_size`` is left as it is."""
+    as ``(10, C, H, W)``). Both are left out when ``crop_pct=1`` and ``source_size == image_size``."""
     if not 0 < crop_pct <= 1:
         raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    crop: list[v2.Transform] = [v2.TenCrop(image_size)] if ten_crop else [v2.CenterCrop(image_size)]
-    steps = [v2.ToImage(), v2.Resize(round(image_size / crop_pct)), *crop, *_to_normalized(mean, std)]
+    steps: list[v2.Transform] = [v2.ToImage()]
+    if ten_crop:
+        steps += [v2.Resize(round(image_size / crop_pct)), v2.TenCrop(image_size)]
+    elif crop_pct != 1 or source_size != image_size:
+        steps += [v2.Resize(round(image_size / crop_pct)), v2.CenterCrop(image_size)]
+    steps += _to_normalized(mean, std)
     return v2.Compose(steps + ([StackCrops()] if ten_crop else []))
 
 
