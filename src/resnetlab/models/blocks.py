@@ -9,7 +9,8 @@ Four classes, read top to bottom like the papers:
 
 Module names match torchvision (``conv1``, ``bn1``, ..., ``downsample``) so its weights load unchanged.
 Every block can be *lesioned* (``block.lesioned = True``): the residual branch F is skipped and only the
-shortcut remains, as in Veit et al. (2016). ``block.branch_output`` names the module whose output is F(x)
+shortcut remains, as in Veit et al. (2016). ``block.residual(x)`` computes F alone and ``block.branch_output`` names
+the module whose output is F(x)
 before the addition, where the paper's Figure 7 measures response strength.
 """
 
@@ -46,9 +47,13 @@ DEFAULT_SPEC = BlockSpec()
 
 
 class ResidualBlock(nn.Module):
-    """What every block shares: the shortcut module, stochastic depth, lesioning, and the final merge."""
+    """What every block shares: y = F(x) + shortcut(x), stochastic depth on F, and lesioning.
+
+    Post-activation blocks apply ReLU after the sum; pre-activation blocks apply BN-ReLU (``bn1``) first.
+    """
 
     expansion = 1
+    preact = False
 
     def __init__(self, downsample: nn.Module | None, spec: BlockSpec) -> None:
         super().__init__()
@@ -65,8 +70,18 @@ class ResidualBlock(nn.Module):
         """Start as the identity: zero the last scale of F (Goyal et al. 2017)."""
         zero_(getattr(self.branch_output, "weight", None))
 
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.downsample is None else self.downsample(x)
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual function F (for pre-activation blocks: of the already normalised input)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pre-activation blocks normalise once, and a projection shortcut sees that normalised input.
+        branch_input = self.relu(self.bn1(x)) if self.preact else x
+        out = x if self.downsample is None else self.downsample(branch_input)
+        if not self.lesioned:
+            residual = self.drop_path(self.residual(branch_input))
+            out = residual + out if self.use_shortcut else residual
+        return out if self.preact else self.relu(out)
 
 
 class BasicBlock(ResidualBlock):
@@ -94,15 +109,9 @@ class BasicBlock(ResidualBlock):
     def branch_output(self) -> nn.Module:
         return self.bn2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lesioned:
-            return self.relu(self.shortcut(x))
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(self.dropout(out)))
-        out = self.drop_path(out)
-        if self.use_shortcut:
-            out = out + self.shortcut(x)
-        return self.relu(out)
+        return self.bn2(self.conv2(self.dropout(out)))
 
 
 class Bottleneck(ResidualBlock):
@@ -138,16 +147,10 @@ class Bottleneck(ResidualBlock):
     def branch_output(self) -> nn.Module:
         return self.bn3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lesioned:
-            return self.relu(self.shortcut(x))
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(self.dropout(out)))
-        out = self.drop_path(out)
-        if self.use_shortcut:
-            out = out + self.shortcut(x)
-        return self.relu(out)
+        return self.bn3(self.conv3(self.dropout(out)))
 
 
 class PreActBasicBlock(ResidualBlock):
@@ -155,6 +158,8 @@ class PreActBasicBlock(ResidualBlock):
 
     A projection shortcut takes the pre-activated input, as in the identity-mappings paper and timm.
     """
+
+    preact = True
 
     def __init__(
         self,
@@ -178,21 +183,16 @@ class PreActBasicBlock(ResidualBlock):
     def branch_output(self) -> nn.Module:
         return self.conv2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        shortcut = x if self.downsample is None else self.downsample(pre)
-        if self.lesioned:
-            return shortcut
-        out = self.conv1(pre)
-        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
-        out = self.drop_path(out)
-        return out + shortcut if self.use_shortcut else out
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        return self.conv2(self.dropout(self.relu(self.bn2(out))))
 
 
 class PreActBottleneck(ResidualBlock):
     """BN-ReLU-1x1, BN-ReLU-3x3, BN-ReLU-1x1 (x4), + shortcut. Stride in the 3x3, as in timm's ResNetV2."""
 
     expansion = 4
+    preact = True
 
     def __init__(
         self,
@@ -218,16 +218,10 @@ class PreActBottleneck(ResidualBlock):
     def branch_output(self) -> nn.Module:
         return self.conv3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        shortcut = x if self.downsample is None else self.downsample(pre)
-        if self.lesioned:
-            return shortcut
-        out = self.conv1(pre)
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
         out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.dropout(self.relu(self.bn3(out))))
-        out = self.drop_path(out)
-        return out + shortcut if self.use_shortcut else out
+        return self.conv3(self.dropout(self.relu(self.bn3(out))))
 
 
 BLOCKS: dict[tuple[str, bool], type[ResidualBlock]] = {
