@@ -9,9 +9,9 @@ Four classes, read top to bottom like the papers:
 
 Module names match torchvision (``conv1``, ``bn1``, ..., ``downsample``) so its weights load unchanged.
 Every block can be *lesioned* (``block.lesioned = True``): the residual branch F is skipped and only the
-shortcut remains, as in Veit et al. (2016). ``block.residual(x)`` computes F alone and ``block.branch_output`` names
-the module whose output is F(x)
-before the addition, where the paper's Figure 7 measures response strength.
+shortcut remains, as in Veit et al. (2016). ``block.residual(x)`` computes F alone, and
+``block.branch_output`` names the module whose output is F(x) before the addition, where the paper's
+Figure 7 measures response strength.
 """
 
 from __future__ import annotations
