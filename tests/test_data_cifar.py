@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import pickle
+import struct
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -32,6 +34,27 @@ def batch(start: int, count: int, label_key: bytes = b"labels", classes: int = 1
         b"data": data.astype(np.uint8),
         b"filenames": [f"img_{start + i}.png".encode() for i in range(count)],
     }
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 ``str`` (BINSTRING), as in the official CIFAR files made with Python 2."""
+
+    def save_bytes(self, obj: bytes) -> None:
+        size = len(obj)
+        opcode = pickle.SHORT_BINSTRING + bytes([size]) if size < 256 else pickle.BINSTRING + struct.pack("<i", size)
+        self.write(opcode + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}  # noqa: RUF012 - pickle's own convention
+
+
+def test_python2_style_batch():
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(batch(0, 2))
+    assert b"_codecs" not in buffer.getvalue()  # really Python 2 strings, not Python 3 bytes
+    images, labels = cifar_batch_arrays(read_cifar_pickle(buffer.getvalue()), "labels", 10)
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1]
+    assert (images.reshape(2, -1) == batch(0, 2)[b"data"]).all()
 
 
 def write_cifar10(folder: Path, protocol: int = 2) -> Path:
