@@ -79,6 +79,9 @@ def test_index_layouts():
     flat = index_image_folder(["b/1.jpg", "a/2.JPG", "a/notes.md"], where="t")
     assert flat.classes == ["a", "b"] and flat.splits == {"train": [("a/2.JPG", 0), ("b/1.jpg", 1)]}
     assert flat.skipped == ["a/notes.md (not an image extension)"]
+    wrapped = index_image_folder(["README", "data/LICENSE", "data/train/b/1.png", "data/val/a/2.png"], where="t")
+    assert wrapped.classes == ["a", "b"] and set(wrapped.splits) == {"train", "val"}
+    assert len(wrapped.skipped) == 2
     with pytest.raises(DataError, match="no images"):
         index_image_folder(["a.txt"], where="t")
 

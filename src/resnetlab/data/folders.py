@@ -46,20 +46,19 @@ def index_image_folder(
     """Index relative POSIX file names into splits and classes (see the module docstring)."""
     paths = [tuple(n.split("/")) for n in names]
     paths = [p for p in paths if not _is_hidden(p)]
-    depth = 0  # how many single wrapper folders to look through
-    while (
-        paths
-        and all(len(p) >= depth + 3 for p in paths)
-        and len({p[depth] for p in paths}) == 1
-        and paths[0][depth].lower() not in SPLIT_ALIASES
+    images = [p for p in paths if p[-1].lower().endswith(extensions)]
+    wrapper: tuple[str, ...] = ()  # single folders around everything, looked through
+    while images and images[0][len(wrapper)].lower() not in SPLIT_ALIASES and all(
+        len(p) >= len(wrapper) + 3 and p[len(wrapper)] == images[0][len(wrapper)] for p in images
     ):
-        depth += 1
-    has_splits = any(len(p) > depth + 2 and p[depth].lower() in SPLIT_ALIASES for p in paths)
+        wrapper += (images[0][len(wrapper)],)
+    depth = len(wrapper)
+    has_splits = any(len(p) > depth + 2 and p[depth].lower() in SPLIT_ALIASES for p in images)
     by_split: dict[str, list[tuple[str, str]]] = {}
     skipped: list[str] = []
     for parts in sorted(paths):
         name = "/".join(parts)
-        rest = parts[depth:]
+        rest = parts[depth:] if parts[:depth] == wrapper else ()
         if has_splits:
             split = SPLIT_ALIASES.get(rest[0].lower()) if len(rest) >= 3 else None
             rest = rest[1:]
