@@ -31,7 +31,10 @@ class ZeroPadShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         if out_channels < in_channels:
-            raise ConfigError("option-A shortcuts cannot reduce channels; use shortcut='B'")
+            raise ConfigError(
+                f"option-A shortcuts cannot reduce channels ({in_channels} -> {out_channels}); "
+                "use shortcut='B' or widths that do not shrink"
+            )
         self.stride = stride
         self.pad_front = (out_channels - in_channels) // 2
         self.pad_back = out_channels - in_channels - self.pad_front

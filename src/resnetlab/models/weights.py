@@ -62,8 +62,9 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise WeightsError(
-            f"cannot load {path} as plain tensors ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"cannot load {path} as plain tensors ({type(err).__name__}: {reason}). "
             "resnetlab never unpickles code; re-save it with torch.save(model.state_dict(), ...) or as "
             "safetensors if it comes from a source you trust"
         ) from err
