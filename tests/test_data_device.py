@@ -64,3 +64,12 @@ def test_bad_arguments(dataset) -> None:
         DeviceBatches(dataset, 8, mean=(0.5,), std=(0.2,))
     with pytest.raises(ConfigError, match="decoded into memory"):
         DeviceBatches([1, 2, 3], 8, mean=MEAN, std=STD)  # type: ignore[arg-type]
+
+
+def test_iter_from_continues_exactly_as_a_full_pass(dataset) -> None:
+    batches = DeviceBatches(dataset, 8, mean=MEAN, std=STD, seed=5)
+    batches.set_epoch(2)
+    full = list(batches)
+    resumed = list(batches.iter_from(3))
+    assert len(resumed) == len(full) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[3:], resumed))

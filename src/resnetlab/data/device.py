@@ -81,30 +81,43 @@ class DeviceBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from ``start_batch`` on, exactly as a full pass would give them
+        (a resumed run continues with the same crops and flips)."""
         order = self._indices()
         generator = torch.Generator().manual_seed(10_007 * (self.seed + 1) + self.epoch)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            if i < start_batch:
+                if self.augment:  # draw what this batch would have drawn
+                    self._draws(len(index), generator)
+                continue
             images = self.images[index.to(self.device)]
             if self.augment:
                 images = self._augment(images, generator)
             yield self._normalise(images), self.labels[index.to(self.device)]
 
+    def _draws(self, b: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        high = 2 * self.padding + 1
+        dy = torch.randint(0, high, (b,), generator=generator)
+        dx = torch.randint(0, high, (b,), generator=generator)
+        return dy, dx, torch.rand(b, generator=generator) < 0.5
+
     def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b, _, h, w = images.shape
+        dy, dx, flip = (t.to(self.device) for t in self._draws(b, generator))
         if self.padding:
             p = self.padding
             padded = F.pad(images, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(self.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(self.device)
             rows = (dy[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
             cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, None, :]
             batch = torch.arange(b, device=self.device)[:, None, None, None]
             channel = torch.arange(images.shape[1], device=self.device)[None, :, None, None]
             images = padded[batch, channel, rows, cols]
         if self.hflip:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(self.device)[:, None, None, None]
-            images = torch.where(flip, images.flip(-1), images)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return images
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
