@@ -27,7 +27,7 @@ def _require_shared(relative: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_file():
     """``shared_file("data/hymenoptera.zip")`` -> Path, or skip/fail as above."""
     return _require_shared

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import resnetlab
+from resnetlab.data import build_data
 
 # ../shared/README.md: top-1 of the original implementation on the JPEG test set (Pillow decode).
 PUBLISHED_JPEG_ACCURACY = {20: 81.03, 32: 82.56, 44: 82.67, 56: 83.20}
@@ -18,18 +14,11 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 @pytest.fixture(scope="module")
-def cifar10_jpeg_test(request) -> tuple[torch.Tensor, torch.Tensor]:
-    path = request.getfixturevalue("shared_file")("data/cifar10-jpeg.tar.xz")
-    images, labels = [], []
-    with tarfile.open(path) as archive:
-        for member in archive:
-            parts = member.name.split("/")
-            if member.isfile() and len(parts) >= 3 and parts[-3] == "test":
-                data = archive.extractfile(member).read()
-                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-                labels.append(CLASSES.index(parts[-2]))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    return x, torch.tensor(labels)
+def cifar10_jpeg_test(shared_file) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 test images as decoded uint8 (Pillow, via the data layer's cache) and their labels."""
+    bundle = build_data(shared_file("data/cifar10-jpeg.tar.xz"), augment="none")
+    assert tuple(bundle.classes) == CLASSES
+    return bundle.test.images, torch.tensor(bundle.test.targets)
 
 
 @pytest.mark.shared
