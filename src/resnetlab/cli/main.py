@@ -16,6 +16,7 @@ from resnetlab.errors import ResNetLabError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "resnetlab.cli.models",
+    "resnetlab.cli.train",
     "resnetlab.cli.data",
 )
 

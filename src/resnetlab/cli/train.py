@@ -1,0 +1,118 @@
+"""``resnetlab train`` and ``resnetlab eval``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.train.config import load_recipe, parse_set_option, recipe_names
+
+# CLI flag -> TrainConfig field, for the options users change most; everything else via --set key=value.
+FLAGS: dict[str, tuple[type, str]] = {
+    "model": (str, "architecture name (resnetlab models)"),
+    "data": (str, "dataset: a path (folder, archive, cifar-10-batches-py) or cifar10/cifar100; default digits"),
+    "pretrained": (str, "initial weights: a tag, file or save_pretrained folder"),
+    "epochs": (int, "epochs (ignored when max_iters is set)"),
+    "max_iters": (int, "stop after this many optimizer steps"),
+    "batch_size": (int, "global batch size"),
+    "lr": (float, "peak learning rate"),
+    "weight_decay": (float, "weight decay"),
+    "image_size": (int, "input side in pixels"),
+    "val_split": (float, "hold out this fraction (or count) of train for validation"),
+    "device": (str, "auto, cpu, cuda, cuda:N"),
+    "amp": (str, "auto, bf16, fp16 or off"),
+    "num_workers": (int, "DataLoader workers for datasets decoded per image"),
+    "seed": (int, "random seed"),
+    "run_dir": (str, "output folder (default runs/<time>-<model>-<data>)"),
+    "grad_clip": (float, "clip the gradient norm (0: off)"),
+    "label_smoothing": (float, "label smoothing"),
+    "ema_decay": (float, "EMA of the weights (0: off)"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (no arguments: a ResNet-20 on the bundled digits)",
+        description="Train a model of the family. With no arguments: the embedded demo (ResNet-20 on "
+        f"scikit-learn's digits). Recipes: {', '.join(recipe_names())}, or a YAML file.",
+    )  # fmt: skip
+    p.add_argument("--recipe", default="demo", help="named recipe or YAML file (default: demo)")
+    for name, (kind, text) in FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other recipe option, e.g. --set milestones=[30,60] --set model_options={shortcut: B}",
+    )
+    p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT", help="continue an interrupted run")
+    add_json_flag(p)
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("eval", help="evaluate a trained model on a dataset",
+                       description="Top-1/top-5, per-class accuracy and a confusion-matrix PNG.")  # fmt: skip
+    p.add_argument("model", help="a run folder, a save_pretrained folder, a checkpoint, or a model name")
+    p.add_argument("--data", help="dataset (default: the one the model was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--pretrained", help="weights tag when MODEL is a name (e.g. cifar10_akamaster)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ten-crop", action="store_true", help="average the paper's 10 crops")
+    p.add_argument("--out", help="folder for confusion.png and per_class.csv (default: next to the model)")
+    add_json_flag(p)
+    p.set_defaults(func=evaluate)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = [*FLAGS, "channels_last", "compile", "deterministic", "sync_bn", "progress"]
+    values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    values.update(parse_set_option(text) for text in args.set)
+    if args.json:
+        values.setdefault("progress", False)
+    return values
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train per the recipe and overrides; print where the outputs are."""
+    from resnetlab.train.engine import train as run_training
+
+    if args.resume:
+        result = run_training(load_recipe("demo"), resume=args.resume)
+    else:
+        result = run_training(load_recipe(args.recipe, **_overrides(args)))
+    if args.json:
+        print_json(result.summary())
+    else:
+        print(f"best top-1 {result.best_accuracy:.2f}%, final {result.final_accuracy:.2f}% after "
+              f"{result.steps} steps in {result.seconds:.1f} s")  # fmt: skip
+        print(f"run folder: {result.run_dir}  (metrics.csv, curves.png, tensorboard/, checkpoints/)")
+        print(f"model:      {result.model_dir}  (use with resnetlab eval / predict / export)")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a trained model; write the confusion matrix and per-class accuracy."""
+    from resnetlab.train.evaluation import evaluate_model
+
+    report = evaluate_model(
+        args.model, data=args.data, split=args.split, pretrained=args.pretrained, batch_size=args.batch_size,
+        device=args.device, ten_crop=args.ten_crop, out_dir=Path(args.out) if args.out else None,
+    )  # fmt: skip
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"{report['model']} on {report['data']} ({report['split']}, {report['count']} images): "
+          f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}")  # fmt: skip
+    width = max(len(c) for c in report["per_class"])
+    for name, acc in report["per_class"].items():
+        print(f"  {name:<{width}}  {acc:6.2f}%")
+    print(f"confusion matrix: {report['confusion_png']}")
+    return 0

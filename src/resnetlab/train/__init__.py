@@ -1,0 +1,17 @@
+"""Training and evaluation: ``train(config)``, recipes, checkpoints, metrics and torchrun support."""
+
+from resnetlab.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from resnetlab.train.config import TrainConfig, load_recipe, recipe_names
+from resnetlab.train.engine import (
+    StepInfo,
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainResult,
+    evaluate,
+    train,
+)
+
+__all__ = [
+    "CheckpointError", "StepInfo", "TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted",
+    "evaluate", "load_checkpoint", "load_recipe", "recipe_names", "save_checkpoint", "train",
+]  # fmt: skip

@@ -1,0 +1,104 @@
+"""Training checkpoints: atomic, self-verifying, and loadable without unpickling code.
+
+A checkpoint file holds ``{"payload": uint8 tensor, "sha256": str}``; the payload is the ``torch.save``
+of the training state (tensors, numbers, strings, lists and dicts only). Writing goes to a temporary file
+in the same folder, is flushed to disk, then renamed over the old file: a run killed at any moment, or a
+full disk, leaves the previous checkpoint intact. Loading refuses a truncated or altered file by name.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from resnetlab.errors import ResNetLabError, WeightsError
+
+
+class CheckpointError(ResNetLabError):
+    """A checkpoint could not be written (the previous one is kept)."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+        raise CheckpointError(f"could not write {path}{hint}: {err}; the previous file is intact") from err
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
+    """Atomically write ``state``; returns its sha256."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest()
+    wrapped = io.BytesIO()
+    torch.save({"payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8), "sha256": digest}, wrapped)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, wrapped.getvalue())
+    return digest
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and verify a checkpoint written by ``save_checkpoint``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+        payload, digest = outer["payload"], outer["sha256"]
+    except Exception as err:
+        raise WeightsError(f"{path} is truncated, corrupt or not a resnetlab training checkpoint ({err})") from err
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise WeightsError(f"{path} is corrupt: its content does not match its sha256")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a run draws from, as tensors and plain values."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": [*internal, gauss],
+        "python_version": version,
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((state["python_version"], tuple(python[:-1]), python[-1]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

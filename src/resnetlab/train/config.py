@@ -1,0 +1,139 @@
+"""``TrainConfig``: every knob of a training run, loaded from a named recipe and overridden by the user.
+
+Recipes are YAML files in ``resnetlab/recipes/`` (``cifar-paper``, ``imagenet-v1``, ``imagenet-modern``,
+``finetune``, ``demo``); a path to any YAML file works too, so users copy one and edit it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from resnetlab.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # What to train on
+    model: str = "resnet20"
+    model_options: dict[str, Any] = field(default_factory=dict)  # ResNetConfig overrides
+    pretrained: str | None = None
+    data: str | None = None  # None = the bundled digits
+    image_size: int | None = None
+    augment: str = "auto"
+    auto_augment: str | None = None
+    random_erasing: float = 0.0
+    val_split: float = 0  # fraction or count held out of train (0: evaluate on the test split)
+    download: bool = False
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # Optimisation
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    no_decay_norm_bias: bool = False
+    batch_size: int = 128  # global batch (split across processes under torchrun)
+    epochs: int = 10
+    max_iters: int | None = None  # if set, training stops after this many steps (overrides epochs)
+    schedule: str = "step"  # step | cosine | constant
+    milestones: list[int] = field(default_factory=list)  # in iterations when milestone_unit == "iter"
+    milestone_unit: str = "epoch"  # epoch | iter
+    gamma: float = 0.1
+    warmup_iters: int = 0
+    warmup_lr: float | None = None  # constant warm-up lr (the paper's 0.01); None = linear from 0
+    warmup_min_depth: int = 0  # apply the warm-up only to nets at least this deep (cifar-paper: 110)
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    ema_decay: float = 0.0  # 0 disables EMA weights
+    grad_clip: float = 0.0
+    # Execution
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = False
+    compile: bool = False
+    data_on_device: bool = True  # small in-memory datasets: DeviceBatches instead of a DataLoader
+    num_workers: int = 2
+    sync_bn: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    # Outputs
+    run_dir: str | None = None
+    runs_root: str = "runs"
+    eval_every: int = 0  # steps between evaluations; 0 = once per epoch
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    tensorboard: bool = True
+    progress: bool = True
+    recipe: str = "demo"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "optimizer": ("sgd", "adamw"), "schedule": ("step", "cosine", "constant"),
+            "milestone_unit": ("epoch", "iter"), "amp": ("auto", "bf16", "fp16", "off"),
+        }  # fmt: skip
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        for key in ("lr", "batch_size", "epochs"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.max_iters is not None and self.max_iters <= 0:
+            raise ConfigError(f"max_iters must be positive, got {self.max_iters}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid options: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **overrides)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("resnetlab.recipes").iterdir()
+                  if p.name.endswith(".yaml"))  # fmt: skip
+
+
+def load_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """A named recipe (``cifar-paper``) or a YAML file, with ``overrides`` applied on top."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read recipe {path}: {err}") from err
+        name = path.stem
+    else:
+        name = str(name_or_path)
+        resource = resources.files("resnetlab.recipes") / f"{name}.yaml"
+        if not resource.is_file():
+            raise ConfigError(f"unknown recipe {name!r}; choose one of {recipe_names()} or pass a YAML file")
+        text = resource.read_text()
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {name_or_path} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe {name_or_path} must be a mapping of option: value")
+    return TrainConfig(recipe=name).replace(**{**values, **overrides})
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """``key=value`` from the command line, the value parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().replace("-", "_"), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse the value of {key}: {err}") from err

@@ -1,0 +1,506 @@
+"""``train(config)``: the training engine behind ``resnetlab train``, on one device or many (torchrun).
+
+The loop counts optimizer steps; epochs are how the data is walked. Everything a resumed run needs is in
+the checkpoint (model, optimizer, schedule, AMP scaler, EMA, RNG states, epoch and batch position), so a
+run killed at any point and resumed ends with the same weights as an uninterrupted one (in deterministic
+mode, with device-resident data or ``num_workers=0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from resnetlab.data import DataBundle, TensorImageDataset, build_data
+from resnetlab.data.device import DeviceBatches
+from resnetlab.errors import ConfigError, ResNetLabError
+from resnetlab.models import ResNet, create_model, save_pretrained
+from resnetlab.train import distributed as dist
+from resnetlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from resnetlab.train.config import TrainConfig
+from resnetlab.train.metrics import MetricsLogger, accuracy_counts, plot_curves
+
+
+class TrainingDiverged(ResNetLabError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(ResNetLabError):
+    """SIGINT/SIGTERM: a checkpoint was saved and the run can be resumed."""
+
+
+@dataclass
+class StepInfo:
+    """What callbacks see after every optimizer step."""
+
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    model: nn.Module
+    total_steps: int
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module
+    steps: int
+    epochs: int
+    history: list[dict[str, Any]]
+    best_accuracy: float
+    final_accuracy: float
+    model_dir: Path
+    seconds: float
+    images_per_second: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "steps": self.steps,
+            "epochs": self.epochs, "best_accuracy": self.best_accuracy, "final_accuracy": self.final_accuracy,
+            "seconds": round(self.seconds, 2), "images_per_second": round(self.images_per_second, 1),
+        }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def build_model(cfg: TrainConfig, bundle: DataBundle) -> ResNet:
+    """The model for this data: its head, input channels and preprocessing follow the dataset."""
+    size = bundle.image_size
+    model = create_model(
+        cfg.model, cfg.pretrained, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
+        input_size=(bundle.in_chans, size, size), mean=tuple(bundle.mean), std=tuple(bundle.std),
+        crop_pct=1.0 if size <= 64 else 0.875, label_names=tuple(bundle.classes), **cfg.model_options,
+    )  # fmt: skip
+    assert isinstance(model, ResNet)
+    return model
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
+    """Weight decay everywhere, or (``no_decay_norm_bias``) not on norm layers and biases (the 1-D tensors)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not no_decay_norm_bias:
+        return [{"params": trainable, "weight_decay": weight_decay}]
+    return [
+        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int, depth: int) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: warm-up, then step decay, cosine or constant."""
+    warmup = cfg.warmup_iters if depth >= cfg.warmup_min_depth else 0
+    if step < warmup:
+        return cfg.warmup_lr / cfg.lr if cfg.warmup_lr is not None else (step + 1) / warmup
+    if cfg.schedule == "step":
+        scale = 1 if cfg.milestone_unit == "iter" else steps_per_epoch
+        return cfg.gamma ** sum(step >= m * scale for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, sharded across ranks like DistributedSampler, that can start
+    part-way through an epoch (for exact resumption)."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        if self.world_size > 1:
+            order = torch.cat([order, order[: (-self.n) % self.world_size]])[self.rank :: self.world_size]
+        return order.tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return len(self.indices()) - self.start
+
+
+class TrainBatches:
+    """The training split as batches: device-resident for in-memory datasets, a DataLoader otherwise."""
+
+    def __init__(self, cfg: TrainConfig, bundle: DataBundle, device: torch.device, per_rank_batch: int) -> None:
+        self.device = device
+        self.per_rank_batch = per_rank_batch
+        train = bundle.train
+        rank, world = dist.rank(), dist.world_size()
+        self.on_device = (
+            cfg.data_on_device and isinstance(train, TensorImageDataset) and bundle.augment in ("cifar", "none")
+            and not cfg.auto_augment and not cfg.random_erasing
+        )  # fmt: skip
+        if self.on_device:
+            self.batches = DeviceBatches(
+                train, per_rank_batch, mean=bundle.mean, std=bundle.std, device=device,
+                augment=bundle.augment == "cifar", shuffle=True, padding=bundle.image_size // 8,
+                hflip=_has_hflip(bundle), drop_last=True, seed=cfg.seed, rank=rank, world_size=world,
+            )  # fmt: skip
+            return
+        self.sampler = EpochSampler(len(train), shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
+        # The loader's own generator seeds its workers, so creating it mid-epoch on resume draws nothing
+        # from the global RNG that the uninterrupted run would not have drawn.
+        self.generator, self.seed = torch.Generator(), cfg.seed
+        self.loader = DataLoader(
+            train, batch_size=per_rank_batch, sampler=self.sampler, drop_last=True,
+            num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=self.generator,
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        if self.on_device:
+            return len(self.batches)
+        return len(self.sampler.indices()) // self.per_rank_batch
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.on_device:
+            self.batches.set_epoch(epoch)
+            yield from self.batches.iter_from(start_batch)
+            return
+        self.sampler.epoch, self.sampler.start = epoch, start_batch * self.per_rank_batch
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _has_hflip(bundle: DataBundle) -> bool:
+    """Whether the dataset's own train transform flips (digits do not)."""
+    return "RandomHorizontalFlip" in repr(bundle.train_transform())
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Loss, top-1 and top-5 accuracy and the confusion matrix of ``model`` on ``dataset``.
+
+    Ten-crop items ``(10, C, H, W)`` are averaged over their crops.
+    """
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
+    n_classes = num_classes or len(getattr(dataset, "classes", [])) or 0
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    total, loss_sum, top1, top5 = 0, 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        crops = x.shape[1] if x.ndim == 5 else 0
+        if crops:
+            x = x.flatten(0, 1)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x).float()
+        if crops:
+            logits = logits.view(-1, crops, logits.shape[-1]).mean(1)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        c1, c5 = accuracy_counts(logits, y)
+        top1, top5, total = top1 + c1, top5 + c5, total + len(y)
+        if n_classes:
+            pairs = y.cpu() * n_classes + logits.argmax(1).cpu()
+            confusion += torch.bincount(pairs, minlength=n_classes**2).view(n_classes, n_classes)
+    model.train(was_training)
+    total = max(total, 1)
+    return {"loss": loss_sum / total, "top1": 100 * top1 / total, "top5": 100 * top5 / total,
+            "count": total, "confusion": confusion}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the loop
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint can be written."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # signals can only be handled in the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = Path(cfg.data).name.split(".")[0] if cfg.data else "digits"
+    path, suffix = Path(cfg.runs_root) / f"{stamp}-{cfg.model}-{data}", 1
+    while path.exists():
+        suffix += 1
+        path = Path(cfg.runs_root) / f"{stamp}-{cfg.model}-{data}-{suffix}"
+    return path
+
+
+def find_checkpoint(run_dir_or_file: str | Path) -> Path:
+    path = Path(run_dir_or_file)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"nothing to resume: {path} does not exist")
+    return path
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    callbacks: list[Callable[[StepInfo], None]] | None = None,
+    bundle: DataBundle | None = None,
+) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; see ``TrainConfig`` for every option.
+
+    ``resume``: a run folder or checkpoint to continue (its saved config is used). ``callbacks`` are
+    called after every optimizer step. ``bundle`` skips ``build_data`` (tests and studies).
+    """
+    state: dict[str, Any] | None = None
+    if resume is not None:
+        checkpoint_path = find_checkpoint(resume)
+        state = load_checkpoint(checkpoint_path)
+        cfg = TrainConfig(**state["config"])
+        cfg.run_dir = str(checkpoint_path.parent.parent)
+    dist.setup()
+    try:
+        return _train(cfg, state, callbacks or [], bundle)
+    finally:
+        dist.teardown()
+
+
+def _train(
+    cfg: TrainConfig, state: dict[str, Any] | None, callbacks: list[Callable[[StepInfo], None]],
+    bundle: DataBundle | None,
+) -> TrainResult:  # fmt: skip
+    rank, world = dist.rank(), dist.world_size()
+    is_main = rank == 0
+    device = resolve_device(cfg.device, dist.local_rank())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+
+    bundle = bundle or build_data(
+        cfg.data, augment=cfg.augment, image_size=cfg.image_size, val_split=cfg.val_split, seed=cfg.seed,
+        download=cfg.download, mean=cfg.mean, std=cfg.std, auto_augment=cfg.auto_augment,
+        random_erasing=cfg.random_erasing,
+    )  # fmt: skip
+    eval_set = bundle.val if bundle.val is not None else bundle.test
+    model = build_model(cfg, bundle)
+    depth = model.config.depth
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    raw_model, train_model = model, model
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    batches = TrainBatches(cfg, bundle, device, cfg.batch_size // world)
+    steps_per_epoch = len(batches)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(bundle.train)} training images")
+    total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    optimizer = build_optimizer(cfg, raw_model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch, depth)
+    )
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            raw_model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+        )
+
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir(cfg)
+    cfg.run_dir = str(run_dir)
+    step, epoch, batch_in_epoch, best, history = 0, 0, 0, -1.0, []
+    if state is not None:
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        best, history = state["best"], list(state["history"])
+        set_rng_state(state["rng"])
+    logger = MetricsLogger(run_dir, cfg, enabled=is_main, resume=state is not None)
+    if state is None:
+        logger.log_text(f"data: {bundle.summary()}")
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "config": cfg.to_dict(), "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "best": best, "history": history, "rng": rng_state(),
+            "model_config": raw_model.config.to_dict(), "architecture": raw_model.name,
+        }  # fmt: skip
+
+    def save(name: str) -> None:
+        if is_main:
+            save_checkpoint(run_dir / "checkpoints" / name, checkpoint_state())
+
+    eval_model = ema.module if ema is not None else raw_model
+    eval_every = cfg.eval_every or steps_per_epoch
+    checkpoint_every = cfg.checkpoint_every or steps_per_epoch
+    mix = None
+    if cfg.mixup_alpha or cfg.cutmix_alpha:
+        mix = bundle.mixup_cutmix(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
+    running = {"loss": 0.0, "correct": 0, "count": 0}
+    start_time, images_seen = time.perf_counter(), 0
+    train_model.train()
+    logger.log_text(f"run directory: {run_dir}; {total_steps} steps, {steps_per_epoch} per epoch, device {device}")
+
+    with _StopSignal() as stop:
+        while step < total_steps:
+            progress = logger.progress(epoch, epochs, steps_per_epoch, batch_in_epoch, cfg.progress and is_main)
+            for x, y in batches.epoch(epoch, batch_in_epoch):
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                targets = y
+                if mix is not None:
+                    x, targets = mix(x, y)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    logits = train_model(x)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    progress.close()
+                    raise TrainingDiverged(
+                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); stopped. The last good "
+                        f"checkpoint is {run_dir / 'checkpoints' / 'last.pt'}. Try a lower --lr, --grad-clip, "
+                        "or --amp off"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(raw_model)
+                step, batch_in_epoch = step + 1, batch_in_epoch + 1
+                images_seen += len(x) * world
+                loss_value = loss.item()
+                running["loss"] += loss_value * len(y)
+                running["correct"] += int((logits.argmax(1) == y).sum())
+                running["count"] += len(y)
+                lr = optimizer.param_groups[0]["lr"]
+                speed = images_seen / (time.perf_counter() - start_time)
+                progress.update(loss_value, running, lr, speed)
+                for callback in callbacks:
+                    callback(StepInfo(step, epoch, loss_value, lr, raw_model, total_steps))
+                epoch_done = batch_in_epoch == steps_per_epoch
+                if epoch_done:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                finished = step >= total_steps
+                if step % eval_every == 0 or finished:
+                    result = None
+                    if is_main and eval_set is not None:
+                        result = evaluate(eval_model, eval_set, device, amp_dtype=amp_dtype,
+                                          num_classes=bundle.num_classes)  # fmt: skip
+                    history.append(logger.record(step, epoch, lr, running, result, speed))
+                    running = {"loss": 0.0, "correct": 0, "count": 0}
+                    if result is not None and result["top1"] > best:
+                        best = result["top1"]
+                        save("best.pt")
+                    progress.set_eval(result)
+                if step % checkpoint_every == 0 or finished or epoch_done:
+                    save("last.pt")
+                if stop.received is not None:
+                    save("last.pt")
+                    progress.close()
+                    raise TrainingInterrupted(
+                        f"stopped by signal {stop.received} at step {step}; checkpoint saved. Resume with: "
+                        f"resnetlab train --resume {run_dir}"
+                    )
+                if finished or epoch_done:
+                    break
+            progress.close()
+            dist.barrier()
+
+    seconds = time.perf_counter() - start_time
+    model_dir = run_dir / "model"
+    final = history[-1].get("eval_top1", float("nan")) if history else float("nan")
+    if is_main:
+        export_best_model(cfg, bundle, run_dir, model_dir, checkpoint_state(), use_ema=ema is not None, best=best)
+        plot_curves(history, run_dir / "curves.png")
+        logger.log_text(f"done: best top-1 {best:.2f}%, final {final:.2f}%; model saved to {model_dir}")
+    logger.close()
+    return TrainResult(run_dir, raw_model, step, epoch, history, best, final, model_dir, seconds,
+                       images_seen / max(seconds, 1e-9))  # fmt: skip
+
+
+def export_best_model(cfg: TrainConfig, bundle: DataBundle, run_dir: Path, model_dir: Path,
+                      current: dict[str, Any], *, use_ema: bool, best: float) -> None:  # fmt: skip
+    """Save the best checkpoint's weights (EMA weights when kept) as a ``save_pretrained`` folder."""
+    best_path = run_dir / "checkpoints" / "best.pt"
+    source = load_checkpoint(best_path) if best_path.is_file() else current
+    weights = source["model"]
+    if use_ema and source.get("ema"):
+        weights = {k.removeprefix("module."): v for k, v in source["ema"].items() if k.startswith("module.")}
+    model = build_model(cfg.replace(pretrained=None), bundle)
+    model.load_state_dict(weights)
+    save_pretrained(model, model_dir, extra={"trained_with": cfg.to_dict(), "best_top1": best})

@@ -1,0 +1,193 @@
+"""The training engine: recipes, a run end to end, resumption after SIGKILL, signals, NaN and full disks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnetlab.cli.main import main
+from resnetlab.errors import ConfigError, WeightsError
+from resnetlab.train import TrainConfig, load_checkpoint, load_recipe, recipe_names, save_checkpoint, train
+from resnetlab.train.checkpoint import CheckpointError
+from resnetlab.train.engine import TrainingDiverged, lr_factor
+
+TINY = {"stem_channels": 4, "widths": [4, 8, 8]}
+
+
+def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(model="resnet20", model_options=TINY, batch_size=32, max_iters=12, lr=0.05, warmup_iters=0,
+                  run_dir=str(tmp_path / "run"), progress=False, tensorboard=False, deterministic=True,
+                  eval_every=6, checkpoint_every=3)  # fmt: skip
+    values.update(overrides)
+    return load_recipe("demo", **values)
+
+
+def test_recipes_load_and_validate(tmp_path) -> None:
+    assert {"cifar-paper", "imagenet-v1", "imagenet-modern", "finetune", "demo"} <= set(recipe_names())
+    paper = load_recipe("cifar-paper")
+    assert (paper.lr, paper.batch_size, paper.max_iters, paper.milestones) == (0.1, 128, 64000, [32000, 48000])
+    with pytest.raises(ConfigError, match="valid options"):
+        load_recipe("demo", learning_rate=0.1)
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        load_recipe("nope")
+    with pytest.raises(ConfigError, match="schedule"):
+        load_recipe("demo", schedule="linear")
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("model: resnet32\nlr: 0.05\n")
+    assert load_recipe(custom).model == "resnet32"
+    custom.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_recipe(custom)
+
+
+def test_cifar_paper_schedule() -> None:
+    paper = load_recipe("cifar-paper")
+    lr = [paper.lr * lr_factor(paper, s, 64000, 391, depth=110) for s in (0, 399, 400, 31999, 32000, 48000)]
+    assert lr == pytest.approx([0.01, 0.01, 0.1, 0.1, 0.01, 0.001])
+    assert paper.lr * lr_factor(paper, 0, 64000, 391, depth=20) == pytest.approx(0.1)  # no warm-up for ResNet-20
+
+
+def test_training_run_writes_everything(tmp_path) -> None:
+    result = train(tiny_config(tmp_path, tensorboard=True))
+    run = result.run_dir
+    for name in ("config.yaml", "log.txt", "metrics.csv", "curves.png", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "model/config.json", "model/model.safetensors"):  # fmt: skip
+        assert (run / name).exists(), name
+    assert any((run / "tensorboard").iterdir())
+    assert result.steps == 12 and len(result.history) == 2
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert saved["config"]["label_names"] == [str(i) for i in range(10)]
+    assert saved["config"]["in_chans"] == 1
+
+
+def test_cli_train_and_eval_json(tmp_path, capsys) -> None:
+    run = tmp_path / "cli"
+    options = "model_options={stem_channels: 4, widths: [4, 8, 8]}"
+    code = main(["train", "--max-iters", "4", "--batch-size", "32", "--run-dir", str(run), "--json",
+                 "--set", options, "--set", "tensorboard=false"])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 4 and Path(summary["model_dir"]).is_dir()
+    assert main(["eval", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 360 and len(report["per_class"]) == 10 and Path(report["confusion_png"]).is_file()
+    assert sum(map(sum, report["confusion"])) == 360
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path) -> None:
+    def poison_after_step_4(info) -> None:  # a weight goes NaN, as after an overflow
+        if info.step == 4:
+            with torch.no_grad():
+                info.model.fc.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match=r"step 4.*last good checkpoint"):
+        train(tiny_config(tmp_path), callbacks=[poison_after_step_4])
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"value": torch.ones(3)})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(CheckpointError, match="disk is full"):
+        save_checkpoint(path, {"value": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["value"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_checkpoint_integrity(tmp_path) -> None:
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"w": torch.arange(1000.0)})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    (tmp_path / "cut.pt").write_bytes(bytes(data[: len(data) // 3]))
+    for name in ("flipped.pt", "cut.pt"):
+        with pytest.raises(WeightsError, match=name):
+            load_checkpoint(tmp_path / name)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
+    result = train(tiny_config(tmp_path, max_iters=3))
+    with pytest.raises(WeightsError, match="another architecture"):
+        train(tiny_config(tmp_path / "b", model="resnet32", pretrained=str(result.model_dir), max_iters=1))
+
+
+RUNNER = """
+import sys, json
+from resnetlab.train import load_recipe, train
+cfg = load_recipe("demo", **json.loads(sys.argv[1]))
+train(cfg, resume=sys.argv[2] if len(sys.argv) > 2 else None)
+"""
+
+
+def _run(values: dict, resume: str | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    args = [sys.executable, "-c", RUNNER, json.dumps(values)] + ([resume] if resume else [])
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path) -> None:
+    values = dict(model="resnet20", model_options=TINY, batch_size=32, max_iters=60, lr=0.05, progress=False,
+                  tensorboard=False, deterministic=True, eval_every=20, checkpoint_every=1)  # fmt: skip
+    reference = _run({**values, "run_dir": str(tmp_path / "reference")})
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
+
+    run_dir = tmp_path / "killed"
+    rng = random.Random(0)
+    kills, resume = 0, None
+    for _ in range(12):
+        proc = _run({**values, "run_dir": str(run_dir)}, resume)
+        time.sleep(rng.uniform(1.5, 4.0))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            load_checkpoint(run_dir / "checkpoints" / "last.pt")  # never half-written
+            resume = str(run_dir)
+    proc = _run({**values, "run_dir": str(run_dir)}, resume)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert kills >= 3
+    expected, got = _final_weights(tmp_path / "reference"), _final_weights(run_dir)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 60
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path) -> None:
+    values = dict(model="resnet20", model_options=TINY, batch_size=32, max_iters=2000, progress=False,
+                  tensorboard=False, checkpoint_every=1000, run_dir=str(tmp_path / "run"))  # fmt: skip
+    proc = _run(values)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.csv").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert b"resnetlab train --resume" in proc.stderr.read()
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert 0 < state["step"] < 2000
