@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="any other recipe option, e.g. --set milestones=[30,60] --set model_options={shortcut: B}",
     )
     p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT", help="continue an interrupted run")
+    p.add_argument("--auto-resume", dest="auto_resume", action="store_true", default=None,
+                   help="continue from --run-dir's last checkpoint when there is one (for torchrun --max-restarts)")
     add_json_flag(p)
     p.set_defaults(func=train)
 
@@ -72,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = [*FLAGS, "channels_last", "compile", "deterministic", "sync_bn", "progress"]
+    names = [*FLAGS, "channels_last", "compile", "deterministic", "sync_bn", "progress", "auto_resume"]
     values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     values.update(parse_set_option(text) for text in args.set)
     if args.json:

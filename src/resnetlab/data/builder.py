@@ -63,6 +63,7 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str = "none"  # the training recipe actually used: "cifar", "imagenet" or "none"
+    hflip: bool = True  # whether training flips images horizontally (not for digits)
     skipped: list[str] = field(default_factory=list)  # files reported and left out, with the reason
     train_tf: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False)
     eval_tf: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False)
@@ -188,7 +189,7 @@ def build_data(
         val=val.with_transform(eval_tf) if val is not None else None,
         test=test.with_transform(eval_tf) if test is not None else None,
         classes=loaded.classes, in_chans=loaded.in_chans, image_size=size, mean=mean, std=std,
-        augment=recipe, skipped=loaded.skipped, train_tf=train_tf, eval_tf=eval_tf,
+        augment=recipe, hflip=loaded.hflip, skipped=loaded.skipped, train_tf=train_tf, eval_tf=eval_tf,
     )  # fmt: skip
 
 

@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     # Outputs
     run_dir: str | None = None
+    auto_resume: bool = False  # continue from run_dir's last checkpoint if there is one (torchrun restarts)
     runs_root: str = "runs"
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
@@ -92,11 +93,34 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **overrides: Any) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid options: {', '.join(sorted(known))}")
-        return dataclasses.replace(self, **overrides)
+            raise ConfigError(f"unknown training option(s) {unknown}; valid options: {', '.join(sorted(fields))}")
+        return dataclasses.replace(self, **{k: _coerce(k, fields[k].type, v) for k, v in overrides.items()})
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type (YAML reads ``1e-3`` as a string, for one)."""
+    kind = str(annotation)
+    try:
+        if value is None or kind.startswith(("str", "dict", "list")):
+            return value
+        if kind.startswith("bool"):
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value))
+        if kind.startswith("float"):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {kind.split(' |')[0]}") from None
+    return value
 
 
 def recipe_names() -> list[str]:

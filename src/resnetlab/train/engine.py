@@ -172,7 +172,7 @@ class TrainBatches:
             self.batches = DeviceBatches(
                 train, per_rank_batch, mean=bundle.mean, std=bundle.std, device=device,
                 augment=bundle.augment == "cifar", shuffle=True, padding=bundle.image_size // 8,
-                hflip=_has_hflip(bundle), drop_last=True, seed=cfg.seed, rank=rank, world_size=world,
+                hflip=bundle.hflip, drop_last=True, seed=cfg.seed, rank=rank, world_size=world,
             )  # fmt: skip
             return
         self.sampler = EpochSampler(len(train), shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
@@ -198,11 +198,6 @@ class TrainBatches:
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def _has_hflip(bundle: DataBundle) -> bool:
-    """Whether the dataset's own train transform flips (digits do not)."""
-    return "RandomHorizontalFlip" in repr(bundle.train_transform())
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -302,6 +297,8 @@ def train(
     called after every optimizer step. ``bundle`` skips ``build_data`` (tests and studies).
     """
     state: dict[str, Any] | None = None
+    if resume is None and cfg.auto_resume and cfg.run_dir and (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file():
+        resume = cfg.run_dir
     if resume is not None:
         checkpoint_path = find_checkpoint(resume)
         state = load_checkpoint(checkpoint_path)
@@ -329,6 +326,8 @@ def _train(
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError("SyncBatchNorm needs CUDA GPUs; on CPU use --set model_options={norm_layer: groupnorm}")
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
 
