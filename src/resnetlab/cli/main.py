@@ -17,6 +17,7 @@ from resnetlab.errors import ResNetLabError
 COMMAND_MODULES: tuple[str, ...] = (
     "resnetlab.cli.models",
     "resnetlab.cli.train",
+    "resnetlab.cli.study",
     "resnetlab.cli.data",
 )
 

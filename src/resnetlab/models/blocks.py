@@ -81,7 +81,10 @@ class ResidualBlock(nn.Module):
         if not self.lesioned:
             residual = self.drop_path(self.residual(branch_input))
             out = residual + out if self.use_shortcut else residual
-        return out if self.preact else self.relu(out)
+        if self.preact:
+            return out
+        # A lesioned identity block passes its input through: no in-place ReLU on a tensor autograd needs.
+        return torch.relu(out) if out is x else self.relu(out)
 
 
 class BasicBlock(ResidualBlock):

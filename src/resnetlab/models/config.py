@@ -65,8 +65,7 @@ class ResNetConfig:
             raise ConfigError(f"every stage needs at least one block: layers={self.layers}")
         if self.output_stride is not None and self.output_stride not in self.possible_output_strides():
             raise ConfigError(
-                f"output_stride={self.output_stride} is not reachable; choose one of "
-                f"{self.possible_output_strides()}"
+                f"output_stride={self.output_stride} is not reachable; choose one of {self.possible_output_strides()}"
             )
         if self.in_chans < 1 or self.num_classes < 0:
             raise ConfigError("in_chans must be >= 1 and num_classes >= 0")
@@ -126,8 +125,6 @@ class ResNetConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - known
         if unknown:
-            raise ConfigError(
-                f"unknown model option(s) {sorted(unknown)}; valid options: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"unknown model option(s) {sorted(unknown)}; valid options: {', '.join(sorted(known))}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
         return dataclasses.replace(self, **values)

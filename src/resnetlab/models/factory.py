@@ -53,9 +53,7 @@ def _resolve_pretrained(name: str, pretrained: bool | str | os.PathLike) -> tupl
     entry = MODELS[name]
     if pretrained is True or (isinstance(pretrained, str) and pretrained in entry.weights):
         if not entry.weights:
-            raise WeightsError(
-                f"no published weights are known for {name}; pass pretrained=PATH to a weights file"
-            )
+            raise WeightsError(f"no published weights are known for {name}; pass pretrained=PATH to a weights file")
         tag = next(iter(entry.weights)) if pretrained is True else str(pretrained)
         state_dict, extra = fetch_weights(entry.weights[tag])
         return state_dict, f"{name} weights {tag!r}", extra

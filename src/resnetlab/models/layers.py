@@ -22,8 +22,14 @@ def _group_norm(num_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels)
 
 
+def _no_norm(num_channels: int) -> nn.Identity:
+    """No normalisation at all: the pre-BatchNorm setting where plain nets' gradients vanish."""
+    return nn.Identity()
+
+
 NORM_LAYERS: dict[str, NormLayer] = {
     "batchnorm": nn.BatchNorm2d,
+    "none": _no_norm,
     "syncbatchnorm": nn.SyncBatchNorm,
     "frozen_batchnorm": FrozenBatchNorm2d,
     "groupnorm": _group_norm,

@@ -126,19 +126,23 @@ def _build_table() -> dict[str, ModelEntry]:
             _torchvision_weights(name, enum), name,
         )  # fmt: skip
 
-    # The paper's CIFAR-10 nets: 6n+2 layers, widths 16/32/64, option-A shortcuts.
-    for depth, params in CIFAR_PAPER_PARAMS.items():
+    # The paper's CIFAR-10 nets: 6n+2 layers, widths 16/32/64, option-A shortcuts (8 and 14: small members
+    # of the same family, handy for quick experiments).
+    for depth in (8, 14, *CIFAR_PAPER_PARAMS):
         n = (depth - 2) // 6
         base = dict(CIFAR, **BASIC, layers=(n, n, n), shortcut="A")
-        akamaster = WeightsSource(
-            "url", AKAMASTER_URL + AKAMASTER_FILES[depth], "akamaster", AKAMASTER_FILES[depth],
-            sha256_prefix=AKAMASTER_FILES[depth].split("-")[1][:8],
-            config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-            description="published CIFAR-10 weights of akamaster/pytorch_resnet_cifar10 (BSD-2-Clause)",
-        )  # fmt: skip
+        weights = {}
+        if depth in AKAMASTER_FILES:
+            weights["cifar10_akamaster"] = WeightsSource(
+                "url", AKAMASTER_URL + AKAMASTER_FILES[depth], "akamaster", AKAMASTER_FILES[depth],
+                sha256_prefix=AKAMASTER_FILES[depth].split("-")[1][:8],
+                config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+                description="published CIFAR-10 weights of akamaster/pytorch_resnet_cifar10 (BSD-2-Clause)",
+            )  # fmt: skip
+        params = CIFAR_PAPER_PARAMS.get(depth)
         table[f"resnet{depth}"] = ModelEntry(
             base, f"CIFAR ResNet-{depth} (He et al. 2015, Sec. 4.2): 3 stages of {n} basic blocks, option A",
-            params, "He et al. 2015, Table 6", {"cifar10_akamaster": akamaster},
+            params, "He et al. 2015, Table 6" if params else "", weights,
         )  # fmt: skip
         table[f"plain{depth}"] = ModelEntry(
             dict(base, shortcut="none"), f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts"

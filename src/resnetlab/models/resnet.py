@@ -81,9 +81,7 @@ class ResNet(nn.Module):
         self.final_act = nn.ReLU(inplace=True) if config.preact else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(config.drop_rate) if config.drop_rate > 0 else nn.Identity()
-        self.fc: nn.Module = (
-            nn.Linear(in_channels, config.num_classes) if config.num_classes else nn.Identity()
-        )
+        self.fc: nn.Module = nn.Linear(in_channels, config.num_classes) if config.num_classes else nn.Identity()
         self.init_weights()
 
     # ------------------------------------------------------------------ construction helpers

@@ -85,7 +85,7 @@ def unwrap_state_dict(obj: Any, origin: object = "checkpoint") -> StateDict:
 def _strip_prefixes(sd: StateDict, prefixes: tuple[str, ...]) -> StateDict:
     for prefix in prefixes:
         if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 

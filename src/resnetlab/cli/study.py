@@ -1,0 +1,111 @@
+"""``resnetlab study degradation|gradients|lesion|responses``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from resnetlab.cli.common import add_json_flag, print_json
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    study = sub.add_parser("study", help="studies of why residual networks work")
+    kinds = study.add_subparsers(dest="study", metavar="STUDY", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", help="dataset (default: digits); e.g. ../shared/data/cifar10-jpeg.tar.xz")
+        p.add_argument("--out", help="output folder (default runs/studies/<time>-<study>)")
+        p.add_argument("--seed", type=int, default=0)
+        add_json_flag(p)
+
+    p = kinds.add_parser("degradation", help="plain vs residual twins of several depths (paper Fig. 6)")
+    p.add_argument("--depths", type=_ints, default=(20, 32, 44, 56), help="comma-separated, e.g. 20,32,44,56")
+    p.add_argument("--recipe", default="demo")
+    p.add_argument("--max-iters", type=int, help="training steps per model")
+    p.add_argument("--subset", type=int, help="train on this many images")
+    p.add_argument("--test-subset", type=int, help="evaluate on this many images")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: per epoch)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    common(p)
+    p.set_defaults(func=degradation)
+
+    p = kinds.add_parser("gradients", help="per-layer gradient norms, plain vs residual")
+    p.add_argument("--depths", type=_ints, default=(20, 56, 110))
+    p.add_argument("--norms", default="batchnorm,none", help="norm layers to compare at initialisation")
+    p.add_argument("--train-steps", type=int, default=0, help="also record gradients over this many steps")
+    p.add_argument("--record-every", type=int, default=5)
+    p.add_argument("--subset", type=int)
+    common(p)
+    p.set_defaults(func=gradients)
+
+    p = kinds.add_parser("lesion", help="delete residual blocks at test time (Veit et al. 2016)")
+    p.add_argument("--from", dest="source", required=True, help="run/model folder, checkpoint, or a model name")
+    p.add_argument("--pretrained", help="weights tag when --from is a name (e.g. cifar10_akamaster)")
+    p.add_argument("--plain", help="a trained plain net to lesion for comparison")
+    p.add_argument("--test-subset", type=int, default=2000)
+    p.add_argument("--samples", type=int, default=5, help="random draws per number of deleted blocks")
+    p.add_argument("--path-samples", type=int, default=3, help="sampled paths per path length")
+    common(p)
+    p.set_defaults(func=lesion)
+
+    p = kinds.add_parser("responses", help="std of each layer's response (paper Fig. 7)")
+    p.add_argument("--from", dest="sources", nargs="+", required=True, help="models to compare")
+    p.add_argument("--pretrained", help="weights tag for names in --from")
+    p.add_argument("--test-subset", type=int, default=1000)
+    common(p)
+    p.set_defaults(func=responses)
+
+
+def _finish(args: argparse.Namespace, summary: dict) -> int:
+    if args.json:
+        print_json(summary)
+    else:
+        print((Path(summary["folder"]) / "report.md").read_text())
+        print(f"outputs: {summary['folder']}")
+    return 0
+
+
+def degradation(args: argparse.Namespace) -> int:
+    """Train plain and residual twins; report whether the deeper plain net trains worse."""
+    from resnetlab.studies import degradation_study
+
+    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    return _finish(args, degradation_study(
+        args.depths, data=args.data, recipe=args.recipe, max_iters=args.max_iters, subset=args.subset,
+        test_subset=args.test_subset, eval_every=args.eval_every, out=args.out, seed=args.seed, **extra,
+    ))  # fmt: skip
+
+
+def gradients(args: argparse.Namespace) -> int:
+    """Gradient norms per layer at initialisation (and during training)."""
+    from resnetlab.studies import gradients_study
+
+    return _finish(args, gradients_study(
+        args.depths, norms=tuple(args.norms.split(",")), data=args.data, train_steps=args.train_steps,
+        record_every=args.record_every, subset=args.subset, out=args.out, seed=args.seed,
+    ))  # fmt: skip
+
+
+def lesion(args: argparse.Namespace) -> int:
+    """Accuracy after deleting residual blocks, and the path-length picture."""
+    from resnetlab.studies import lesion_study
+
+    return _finish(args, lesion_study(
+        args.source, plain=args.plain, pretrained=args.pretrained, data=args.data, test_subset=args.test_subset,
+        samples=args.samples, path_samples=args.path_samples, out=args.out, seed=args.seed,
+    ))  # fmt: skip
+
+
+def responses(args: argparse.Namespace) -> int:
+    """Standard deviation of each layer's response, per model."""
+    from resnetlab.studies import responses_study
+
+    return _finish(args, responses_study(
+        args.sources, pretrained=args.pretrained, data=args.data, test_subset=args.test_subset, out=args.out,
+        seed=args.seed,
+    ))  # fmt: skip

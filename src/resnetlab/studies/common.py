@@ -1,0 +1,80 @@
+"""What every study shares: its output folder, CSV/markdown writers, data and accuracy helpers."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnetlab.data import DataBundle, build_data
+
+
+def study_dir(name: str, out: str | Path | None) -> Path:
+    path = Path(out) if out else Path("runs") / "studies" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(folder: Path, title: str, paragraphs: Sequence[str], summary: dict[str, Any]) -> Path:
+    """report.md (for people) and summary.json (for scripts) side by side."""
+    text = f"# {title}\n\n" + "\n\n".join(paragraphs) + "\n"
+    (folder / "report.md").write_text(text)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return folder / "report.md"
+
+
+def study_data(source: str | None, *, subset: int | None = None, test_subset: int | None = None,
+               seed: int = 0, **kwargs: Any) -> DataBundle:  # fmt: skip
+    """``build_data`` with optional seeded subsets of train and test (CPU-sized studies)."""
+    bundle = build_data(source, seed=seed, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    changes: dict[str, Any] = {}
+    if subset and subset < len(bundle.train):
+        changes["train"] = bundle.train.subset(torch.randperm(len(bundle.train), generator=generator)[:subset].tolist())
+    evaluation = bundle.test if bundle.test is not None else bundle.val
+    if test_subset and evaluation is not None and test_subset < len(evaluation):
+        picked = evaluation.subset(torch.randperm(len(evaluation), generator=generator)[:test_subset].tolist())
+        changes["test" if bundle.test is not None else "val"] = picked
+    return dataclasses.replace(bundle, **changes)
+
+
+def eval_batches(dataset: Any, batch_size: int = 500) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The evaluation set as a list of batches, decoded once and reused for many measurements."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return [(x, y) for x, y in loader]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in batches:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / max(total, 1)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
