@@ -1,0 +1,116 @@
+"""``Predictor``: a trained model plus its own preprocessing, answering top-k for any images.
+
+The preprocessing (input size, resize/crop ratio, interpolation, mean/std) comes from the model's saved
+config, never from the user; images go through ``resnetlab.data.load_image``, so every mode (L, RGBA,
+CMYK, 16-bit, palette), EXIF orientation, corrupt files and decompression bombs are handled the same way
+everywhere (predict, features, serve).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from resnetlab.data import eval_transform, load_image
+from resnetlab.errors import DataError
+from resnetlab.loading import load_model
+from resnetlab.models import ResNet
+
+ImageInput = str | os.PathLike | bytes | Image.Image
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image: (label, class index, probability), best first."""
+
+    labels: list[str]
+    indices: list[int]
+    probabilities: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top": [{"label": lab, "index": i, "probability": round(p, 6)}
+                        for lab, i, p in zip(self.labels, self.indices, self.probabilities)]}  # fmt: skip
+
+
+class Predictor:
+    """Classify images with a trained model. Thread-safe: one forward pass at a time per predictor."""
+
+    def __init__(self, model: ResNet, *, device: str | torch.device = "cpu", channels_last: bool = False) -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        c = model.config
+        self.in_chans = c.in_chans
+        self.image_size = c.input_size[-1]
+        self.transform = eval_transform(self.image_size, c.mean, c.std, crop_pct=c.crop_pct)
+        self.labels = list(c.label_names) if c.label_names else [str(i) for i in range(c.num_classes)]
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, *, pretrained: str | bool | None = None, **kwargs: Any) -> Predictor:
+        """From a run folder, model folder, checkpoint, or a model name with ``pretrained`` weights."""
+        return cls(load_model(source, pretrained=pretrained), **kwargs)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        c = self.model.config
+        return {"architecture": self.model.name, "num_classes": c.num_classes, "labels": self.labels,
+                "input_size": list(c.input_size), "mean": list(c.mean), "std": list(c.std),
+                "crop_pct": c.crop_pct, "device": str(self.device)}  # fmt: skip
+
+    def preprocess(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
+        """One image -> normalised tensor (C, H, W) as the model was trained to see it."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image, "L" if self.in_chans == 1 else "RGB", name=name)
+        elif image.mode != ("L" if self.in_chans == 1 else "RGB"):
+            image = image.convert("L" if self.in_chans == 1 else "RGB")
+        return self.transform(image)
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with self._lock:
+            return self.model(batch).float().cpu()
+
+    def predict_tensors(self, batch: torch.Tensor, top_k: int = 5) -> list[Prediction]:
+        probabilities = self.logits(batch).softmax(dim=1)
+        k = min(top_k, probabilities.shape[1])
+        values, indices = probabilities.topk(k, dim=1)
+        return [Prediction([self.labels[i] for i in idx.tolist()], idx.tolist(), val.tolist())
+                for val, idx in zip(values, indices)]  # fmt: skip
+
+    def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[Prediction]:
+        """Top-k for each image (any path, bytes or PIL image); bad images raise ``DataError``."""
+        if not images:
+            return []
+        return self.predict_tensors(torch.stack([self.preprocess(im) for im in images]), top_k)
+
+    def predict_files(
+        self, paths: Iterable[str | os.PathLike], *, batch_size: int = 32, top_k: int = 5, progress: bool = False
+    ) -> tuple[list[tuple[str, Prediction]], list[tuple[str, str]]]:
+        """Batched prediction over files; unreadable files are reported in the second list, not raised."""
+        from tqdm.auto import tqdm
+
+        paths = [str(p) for p in paths]
+        done, failed = [], []
+        for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="predict", unit="batch"):
+            names, tensors = [], []
+            for path in paths[start : start + batch_size]:
+                try:
+                    tensors.append(self.preprocess(path))
+                    names.append(path)
+                except DataError as err:
+                    failed.append((path, str(err)))
+            if tensors:
+                done += list(zip(names, self.predict_tensors(torch.stack(tensors), top_k)))
+        return done, failed
