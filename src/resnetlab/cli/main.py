@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "resnetlab.cli.models",
     "resnetlab.cli.train",
     "resnetlab.cli.study",
+    "resnetlab.cli.serve",
     "resnetlab.cli.data",
 )
 

@@ -1,0 +1,31 @@
+"""``resnetlab serve``: an HTTP inference service over a trained model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP inference with dynamic batching (FastAPI + uvicorn)",
+                       description="POST an image to /predict, get JSON top-k. See docs/serving.md.")  # fmt: skip
+    p.add_argument("--from", dest="source", required=True, help="run/model folder, checkpoint, or a model name")
+    p.add_argument("--pretrained", help="weights tag when --from is a name")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch of concurrent requests")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-body-mb", type=float, default=10.0, help="largest accepted request body")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client may stall mid-upload")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model once and serve until interrupted."""
+    from resnetlab.inference import Predictor
+    from resnetlab.serve import serve
+
+    predictor = Predictor.load(args.source, pretrained=args.pretrained, device=args.device)
+    serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          max_body_bytes=int(args.max_body_mb * 2**20), read_timeout=args.read_timeout)  # fmt: skip
+    return 0
