@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "resnetlab.cli.train",
     "resnetlab.cli.study",
     "resnetlab.cli.serve",
+    "resnetlab.cli.predict",
     "resnetlab.cli.data",
 )
 

@@ -1,0 +1,70 @@
+"""``resnetlab predict``: top-k classes for images or folders of images."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify images with a trained model",
+                       description="Top-k labels with probabilities. Preprocessing comes from the model.")  # fmt: skip
+    p.add_argument("--from", dest="source", required=True, help="run/model folder, checkpoint, or a model name")
+    p.add_argument("--pretrained", help="weights tag when --from is a name (e.g. tv_in1k, cifar10_akamaster)")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--csv", type=Path, help="write one row per image (default for folders: predictions.csv)")
+    add_json_flag(p)
+    p.set_defaults(func=predict)
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            files.append(item)
+        else:
+            raise DataError(f"no such file or folder: {item}")
+    return files
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Classify every image; unreadable files are reported on stderr and skipped."""
+    from resnetlab.inference import Predictor
+
+    files = collect_images(args.inputs)
+    predictor = Predictor.load(args.source, pretrained=args.pretrained, device=args.device)
+    done, failed = predictor.predict_files(files, batch_size=args.batch_size, top_k=args.top_k,
+                                           progress=not args.json and len(files) > args.batch_size)  # fmt: skip
+    for path, reason in failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    csv_path = args.csv or (Path("predictions.csv") if any(Path(i).is_dir() for i in args.inputs) else None)
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", *[f"{kind}{i + 1}" for i in range(args.top_k) for kind in ("label", "prob")]])
+            for path, prediction in done:
+                cells = [v for lab, p in zip(prediction.labels, prediction.probabilities) for v in (lab, f"{p:.6f}")]
+                writer.writerow([path, *cells])
+    if args.json:
+        print_json({"predictions": [{"file": path, **p.to_dict()} for path, p in done],
+                    "skipped": [{"file": path, "reason": reason} for path, reason in failed],
+                    "csv": str(csv_path) if csv_path else None})  # fmt: skip
+        return 0
+    for path, prediction in done:
+        best = ", ".join(f"{lab} {p:.3f}" for lab, p in zip(prediction.labels, prediction.probabilities))
+        print(f"{path}: {best}")
+    if csv_path:
+        print(f"wrote {csv_path} ({len(done)} images, {len(failed)} skipped)")
+    return 0
