@@ -44,7 +44,8 @@ def test_predict_folder_writes_csv_and_skips_bad_files(model_dir, images, tmp_pa
     report = json.loads(capsys.readouterr().out)
     assert len(report["predictions"]) == 5
     assert [s["file"].split("/")[-1] for s in report["skipped"]] == ["broken.jpg"]
-    rows = list(csv.DictReader(open(out)))
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 5 and {r["label1"] for r in rows} <= set("abcd")
 
 
