@@ -119,7 +119,7 @@ class ResNetConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(known)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
+        return _build(cls, values)
 
     def replace(self, **overrides: Any) -> ResNetConfig:
         known = {f.name for f in dataclasses.fields(self)}
@@ -127,4 +127,13 @@ class ResNetConfig:
         if unknown:
             raise ConfigError(f"unknown model option(s) {sorted(unknown)}; valid options: {', '.join(sorted(known))}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        return dataclasses.replace(self, **values)
+        return _build(type(self), {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **values})
+
+
+def _build(cls: type[ResNetConfig], values: dict[str, Any]) -> ResNetConfig:
+    """Construct, turning the type errors of malformed values (e.g. from an untrusted config.json) into
+    a ConfigError that names the problem."""
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"invalid model configuration: {err}") from err

@@ -73,7 +73,10 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> ResNet:
     """Rebuild a model saved with ``save_pretrained`` (architecture, weights and preprocessing)."""
     meta, state_dict = load_pretrained_dir(directory)
     config = ResNetConfig.from_dict(meta["config"]).replace(**overrides)
-    model = ResNet(config, name=meta.get("architecture") or "resnet")
+    try:
+        model = ResNet(config, name=str(meta.get("architecture") or "resnet"))
+    except (TypeError, ValueError, RuntimeError) as err:  # config.json is untrusted input
+        raise WeightsError(f"{directory}/config.json does not describe a buildable model: {err}") from err
     load_weights(model, state_dict, origin=str(directory))
     return model
 

@@ -103,8 +103,15 @@ class TrainConfig:
 def _coerce(key: str, annotation: Any, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type (YAML reads ``1e-3`` as a string, for one)."""
     kind = str(annotation)
+    if value is None:
+        if "None" not in kind:
+            raise ConfigError(f"{key} needs a value (it cannot be empty/null)")
+        return None
     try:
-        if value is None or kind.startswith(("str", "dict", "list")):
+        if kind.startswith(("str", "dict", "list")):
+            expected = {"str": str, "dict": dict, "list": list}[kind.split("[")[0].split(" ")[0]]
+            if not isinstance(value, expected):
+                raise ValueError(value)
             return value
         if kind.startswith("bool"):
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
@@ -147,8 +154,8 @@ def load_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> TrainConfi
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {name_or_path} is not valid YAML: {err}") from err
-    if not isinstance(values, dict):
-        raise ConfigError(f"recipe {name_or_path} must be a mapping of option: value")
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ConfigError(f"recipe {name_or_path} must be a mapping of option names to values")
     return TrainConfig(recipe=name).replace(**{**values, **overrides})
 
 

@@ -372,6 +372,9 @@ def _train(
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir(cfg)
     cfg.run_dir = str(run_dir)
+    if is_main:  # temporary files of checkpoint writes that a killed run left behind
+        for stale in (run_dir / "checkpoints").glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
     step, epoch, batch_in_epoch, best, history = 0, 0, 0, -1.0, []
     if state is not None:
         raw_model.load_state_dict(state["model"])
