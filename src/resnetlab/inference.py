@@ -41,7 +41,7 @@ class Prediction:
 class Predictor:
     """Classify images with a trained model. Thread-safe: one forward pass at a time per predictor."""
 
-    def __init__(self, model: ResNet, *, device: str | torch.device = "cpu", channels_last: bool = False) -> None:
+    def __init__(self, model: ResNet | Any, *, device: str | torch.device = "cpu", channels_last: bool = False) -> None:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -56,7 +56,12 @@ class Predictor:
 
     @classmethod
     def load(cls, source: str | os.PathLike, *, pretrained: str | bool | None = None, **kwargs: Any) -> Predictor:
-        """From a run folder, model folder, checkpoint, or a model name with ``pretrained`` weights."""
+        """From a run folder, model folder, checkpoint, exported artifact (ONNX, TorchScript, torch.export,
+        with its ``.json`` sidecar), or a model name with ``pretrained`` weights."""
+        from resnetlab.export import ExportedModel, is_export
+
+        if is_export(source):
+            return cls(ExportedModel(source), **kwargs)  # type: ignore[arg-type]
         return cls(load_model(source, pretrained=pretrained), **kwargs)
 
     @property

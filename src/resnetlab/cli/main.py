@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "resnetlab.cli.study",
     "resnetlab.cli.serve",
     "resnetlab.cli.predict",
+    "resnetlab.cli.export",
     "resnetlab.cli.data",
 )
 

@@ -1,0 +1,64 @@
+"""``resnetlab export``: ONNX, TorchScript or torch.export artifacts, verified against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from resnetlab.cli.common import add_json_flag, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model (onnx, torchscript, exported-program)",
+                       description="Export, then check the artifact against PyTorch on random inputs.")  # fmt: skip
+    p.add_argument("--from", dest="source", required=True, help="run/model folder, checkpoint, or a model name")
+    p.add_argument("--pretrained", help="weights tag when --from is a name")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "exported-program"])
+    p.add_argument("--out", type=Path, help="artifact path (default: model.<ext> in the current folder)")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convolutions")
+    p.add_argument("--quantize", choices=["int8"], help="static int8 quantization (ONNX Runtime)")
+    p.add_argument("--calibration-data", help="dataset for int8 calibration (default: the training data)")
+    p.add_argument("--calibration-images", type=int, default=256)
+    add_json_flag(p)
+    p.set_defaults(func=export)
+
+
+def export(args: argparse.Namespace) -> int:
+    """Write the artifact and its .json sidecar; report the largest difference from PyTorch."""
+    import torch
+
+    from resnetlab.export import FORMATS, export_model, max_difference
+    from resnetlab.loading import load_model
+
+    model = load_model(args.source, pretrained=args.pretrained).eval()
+    out = args.out or Path("model" + FORMATS[args.format])
+    calibration = None
+    if args.quantize:
+        calibration = calibration_batch(model, args.calibration_data, args.calibration_images)
+    path = export_model(model, out, args.format, fold_bn=args.fold_bn, quantize=args.quantize,
+                        calibration=calibration)  # fmt: skip
+    c = model.config
+    probe = calibration[:8] if calibration is not None else torch.randn(4, c.in_chans, *c.input_size[1:])
+    report = {"artifact": str(path), "metadata": str(path) + ".json", "format": args.format,
+              "max_abs_difference": max_difference(model, path, probe), "bytes": path.stat().st_size}  # fmt: skip
+    if args.json:
+        print_json(report)
+    else:
+        print(f"wrote {path} ({report['bytes'] / 1e6:.2f} MB) and {report['metadata']}; "
+              f"max |difference| from PyTorch: {report['max_abs_difference']:.2e}")  # fmt: skip
+    return 0
+
+
+def calibration_batch(model, data: str | None, count: int):
+    """Preprocessed images for int8 calibration, from ``data`` or the data the model was trained on."""
+    import torch
+
+    from resnetlab.data import build_data
+    from resnetlab.errors import ConfigError
+
+    c = model.config
+    if data is None:
+        raise ConfigError("int8 quantization needs --calibration-data (a dataset path, e.g. the training data)")
+    bundle = build_data(data, augment="none", image_size=c.input_size[-1], mean=c.mean, std=c.std)
+    picked = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    return torch.stack([bundle.train[i][0] for i in picked])

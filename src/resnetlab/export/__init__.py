@@ -1,0 +1,23 @@
+"""Deployment: BN folding, exports (ONNX, TorchScript, torch.export) with verified metadata, int8."""
+
+from resnetlab.export.artifacts import (
+    FORMATS,
+    ExportedModel,
+    export_model,
+    is_export,
+    load_export,
+    max_difference,
+    read_export,
+)
+from resnetlab.export.fold import fold_batchnorm
+
+__all__ = [
+    "FORMATS",
+    "ExportedModel",
+    "export_model",
+    "is_export",
+    "fold_batchnorm",
+    "load_export",
+    "max_difference",
+    "read_export",
+]

@@ -1,0 +1,159 @@
+"""Export a model to ONNX, TorchScript or a torch.export program, with a verified metadata sidecar.
+
+Every artifact ``model.onnx`` gets ``model.onnx.json``: architecture, the model config (so predict and
+serve apply the right preprocessing), format, options, and the artifact's sha256, which is checked
+before an artifact is loaded; a truncated or altered file is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resnetlab.errors import ConfigError, WeightsError
+from resnetlab.models import ResNet, ResNetConfig
+from resnetlab.models.weights import sha256_file
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def export_model(
+    model: ResNet,
+    path: str | os.PathLike,
+    fmt: str = "onnx",
+    *,
+    fold_bn: bool = False,
+    quantize: str | None = None,
+    calibration: torch.Tensor | None = None,
+    opset: int | None = None,
+) -> Path:
+    """Write ``model`` as ``fmt`` (onnx | torchscript | exported-program) to ``path`` plus its sidecar.
+
+    ``fold_bn`` folds BatchNorm into convs first; ``quantize="int8"`` (ONNX only) applies static int8
+    quantization calibrated on ``calibration`` (a batch of preprocessed images).
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)} "
+                          "(tflite and coreml: see docs/deployment.md)")  # fmt: skip
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize must be 'int8', not {quantize!r}")
+    if quantize and fmt != "onnx":
+        raise ConfigError("int8 quantization is done with ONNX Runtime: use --format onnx")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folded = 0
+    net = model.eval()
+    if fold_bn:
+        from resnetlab.export.fold import fold_batchnorm
+
+        net, folded = fold_batchnorm(model)
+    c = model.config
+    example = torch.zeros(2, c.in_chans, *c.input_size[1:])
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "onnx":
+            target = path.with_name(path.stem + ".fp32.onnx") if quantize else path
+            torch.onnx.export(net, (example,), str(target), dynamo=True, input_names=["input"],
+                              output_names=["logits"], dynamic_shapes={"x": {0: batch}}, opset_version=opset,
+                              external_data=False,
+                              verbose=False)  # fmt: skip
+            if quantize:
+                from resnetlab.export.quantize import quantize_onnx_int8
+
+                if calibration is None:
+                    raise ConfigError("int8 quantization needs calibration images (--calibration-data)")
+                quantize_onnx_int8(target, path, calibration)
+                target.unlink()
+        elif fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(net, example), str(path))
+        else:
+            program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}})
+            torch.export.save(program, str(path))
+    meta = {
+        "resnetlab_export": 1, "format": fmt, "architecture": model.name, "config": c.to_dict(),
+        "fold_bn": fold_bn, "folded_pairs": folded, "quantize": quantize, "torch": torch.__version__,
+        "input_name": "input", "sha256": sha256_file(path),
+    }  # fmt: skip
+    sidecar(path).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def read_export(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of an exported artifact, after checking the artifact against its sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"exported model not found: {path}")
+    try:
+        meta = json.loads(sidecar(path).read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path} has no metadata file {sidecar(path).name}; re-export it with resnetlab") from None
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{sidecar(path)} is not valid JSON ({err})") from err
+    if sha256_file(path) != meta.get("sha256"):
+        raise WeightsError(f"{path} is corrupt or was modified: its sha256 differs from {sidecar(path).name}")
+    return meta
+
+
+def load_export(path: str | os.PathLike, *, threads: int | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                                  ResNetConfig, dict[str, Any]]:  # fmt: skip
+    """A forward function (float tensor -> logits), the model config and the metadata of an artifact."""
+    meta = read_export(path)
+    config = ResNetConfig.from_dict(meta["config"])
+    fmt = meta["format"]
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
+
+        return forward, config, meta
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    else:
+        module = torch.export.load(str(path)).module()
+
+    def forward_torch(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return forward_torch, config, meta
+
+
+def max_difference(model: ResNet, path: str | os.PathLike, batch: torch.Tensor) -> float:
+    """Largest absolute difference between the artifact's and the PyTorch model's logits on ``batch``."""
+    forward, _, _ = load_export(path)
+    with torch.no_grad():
+        return float((forward(batch) - model.eval()(batch)).abs().max())
+
+
+class ExportedModel(torch.nn.Module):
+    """An exported artifact behind the ``ResNet`` interface that ``Predictor`` uses (``config``, ``name``)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        super().__init__()
+        self.run, self.config, self.meta = load_export(path, threads=threads)
+        self.name = f"{self.meta['architecture']} ({self.meta['format']}{', int8' if self.meta['quantize'] else ''})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x.float())
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    return Path(path).is_file() and sidecar(Path(path)).is_file()

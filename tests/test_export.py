@@ -1,0 +1,86 @@
+"""Exports run elsewhere and compute what PyTorch computes; BN folding is exact; artifacts are verified."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import resnetlab
+from resnetlab.cli.main import main
+from resnetlab.errors import ConfigError, WeightsError
+from resnetlab.export import export_model, fold_batchnorm, max_difference, read_export
+from resnetlab.inference import Predictor
+
+
+def _with_stats(name: str, **options) -> resnetlab.ResNet:
+    torch.manual_seed(0)
+    model = resnetlab.create_model(name, **options).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "pairs"), [("resnet20", 19), ("resnet18", 20), ("resnet50d", 55), ("preact_resnet18", 0)]
+)
+def test_fold_batchnorm_is_numerically_exact(name: str, pairs: int) -> None:
+    model = _with_stats(name)
+    x = torch.randn(2, 3, 32, 32)
+    folded, count = fold_batchnorm(model)
+    assert count == pairs
+    with torch.no_grad():
+        reference = model(x)
+        assert (folded(x) - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for b in folded.blocks() for m in b.modules()) or pairs == 0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported-program"])
+def test_exports_match_pytorch_with_a_dynamic_batch(fmt: str, tmp_path) -> None:
+    model = _with_stats("resnet8", num_classes=4, label_names=tuple("abcd"))
+    path = export_model(model, tmp_path / f"m.{fmt}", fmt, fold_bn=True)
+    for batch in (1, 5):
+        assert max_difference(model, path, torch.randn(batch, 3, 32, 32)) <= 1e-4
+    meta = read_export(path)
+    assert meta["config"]["label_names"] == list("abcd") and meta["folded_pairs"] == 7
+    prediction = Predictor.load(path).predict_tensors(torch.randn(1, 3, 32, 32), top_k=2)[0]
+    assert set(prediction.labels) <= set("abcd")
+
+
+def test_altered_artifact_is_refused(tmp_path) -> None:
+    path = export_model(resnetlab.create_model("resnet8"), tmp_path / "m.pt2", "exported-program")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256"):
+        read_export(path)
+    path.with_name("m.pt2.json").unlink()
+    with pytest.raises(WeightsError, match="no metadata"):
+        read_export(path)
+
+
+def test_int8_quantized_onnx_agrees_with_fp32(tmp_path) -> None:
+    model = _with_stats("resnet8")
+    calibration = torch.randn(64, 3, 32, 32)
+    path = export_model(model, tmp_path / "q.onnx", "onnx", fold_bn=True, quantize="int8", calibration=calibration)
+    assert read_export(path)["quantize"] == "int8"
+    x = torch.randn(32, 3, 32, 32)
+    int8 = Predictor.load(path).logits(x).argmax(1)
+    fp32 = model(x).argmax(1)
+    assert (int8 == fp32).float().mean() >= 0.8
+    with pytest.raises(ConfigError, match="onnx"):
+        export_model(model, tmp_path / "q.pt", "torchscript", quantize="int8", calibration=calibration)
+
+
+def test_cli_export_json(tmp_path, capsys) -> None:
+    folder = tmp_path / "model"
+    resnetlab.save_pretrained(resnetlab.create_model("resnet8"), folder)
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "--from", str(folder), "--out", str(out), "--fold-bn", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_abs_difference"] <= 1e-4 and out.is_file()
