@@ -105,8 +105,10 @@ def read_export(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_export(path: str | os.PathLike, *, threads: int | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                                                  ResNetConfig, dict[str, Any]]:  # fmt: skip
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def load_export(path: str | os.PathLike, *, threads: int | None = None) -> tuple[Forward, ResNetConfig, dict[str, Any]]:
     """A forward function (float tensor -> logits), the model config and the metadata of an artifact."""
     meta = read_export(path)
     config = ResNetConfig.from_dict(meta["config"])

@@ -8,6 +8,7 @@ there is nothing to fold there; ``fold_batchnorm`` reports how many pairs it fol
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ def _pairs(model: ResNet) -> list[tuple[nn.Module, str, nn.Module, str]]:
     for parent in model.modules():
         if isinstance(parent, nn.Sequential):
             children = list(parent.named_children())
-            for (a, conv), (b, norm) in zip(children, children[1:]):
+            for (a, conv), (b, norm) in itertools.pairwise(children):
                 if isinstance(conv, nn.Conv2d) and isinstance(norm, _FOLDABLE):
                     pairs.append((parent, a, parent, b))
         for i in (1, 2, 3):
