@@ -138,52 +138,65 @@ train(cfg, resume=sys.argv[2] if len(sys.argv) > 2 else None)
 """
 
 
-def _run(values: dict, resume: str | None = None, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+def _run(values: dict, resume: str | None = None, extra_env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **(extra_env or {})}
     args = [sys.executable, "-c", RUNNER, json.dumps(values)] + ([resume] if resume else [])
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 
 
+SLOW_WRITES = """
+import os, time
+import resnetlab.train.checkpoint as checkpoint
+def slow_fsync(fd, _fsync=os.fsync):
+    time.sleep(0.05)  # widen the window between writing the temporary file and renaming it
+    _fsync(fd)
+checkpoint.os = type("os", (), {**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")}, "fsync": slow_fsync})
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path) -> None:
-    """20 SIGKILLs at random moments (checkpoints are written every step, so some land mid-write);
-    after each, the checkpoint on disk is whole, and the resumed run ends bit-identical to the reference."""
-    values = dict(model="resnet20", model_options=TINY, batch_size=32, max_iters=800, lr=0.05, progress=False,
-                  tensorboard=False, deterministic=True, eval_every=200, checkpoint_every=1)  # fmt: skip
+    """20 SIGKILLs at random moments, many of them while a checkpoint is being written; after each, the
+    checkpoint on disk is whole, and the resumed run ends bit-identical to an uninterrupted one."""
+    values = dict(model="resnet20", model_options=TINY, batch_size=32, max_iters=240, lr=0.05, progress=False,
+                  tensorboard=False, deterministic=True, eval_every=80, checkpoint_every=1)  # fmt: skip
     reference = _run({**values, "run_dir": str(tmp_path / "reference")})
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
 
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_WRITES)
+    env = {"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     run_dir = tmp_path / "killed"
     checkpoints = run_dir / "checkpoints"
     rng = random.Random(0)
     kills, mid_write, steps_seen, resume = 0, 0, [], None
     while kills < 20:
         launched = time.time()
-        proc = _run({**values, "run_dir": str(run_dir)}, resume)
+        proc = _run({**values, "run_dir": str(run_dir)}, resume, env)
         while proc.poll() is None and time.time() - launched < 120:  # until this run has trained a step
             last = checkpoints / "last.pt"
             if last.exists() and last.stat().st_mtime > launched:
                 break
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is not None:  # the run finished before we struck
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
         mid_write += bool(list(checkpoints.glob(".*.tmp-*")))
-        if (checkpoints / "last.pt").exists():
-            steps_seen.append(load_checkpoint(checkpoints / "last.pt")["step"])  # never half-written
-            resume = str(run_dir)
-    proc = _run({**values, "run_dir": str(run_dir)}, resume)
+        steps_seen.append(load_checkpoint(checkpoints / "last.pt")["step"])  # whole, never half-written
+        resume = str(run_dir)
+    proc = _run({**values, "run_dir": str(run_dir)}, resume, env)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
-    assert kills == 20 and len(set(steps_seen)) > 3, (kills, steps_seen)
+    assert kills == 20 and mid_write >= 5 and len(set(steps_seen)) > 3, (kills, mid_write, steps_seen)
     expected, got = _final_weights(tmp_path / "reference"), _final_weights(run_dir)
-    assert load_checkpoint(checkpoints / "last.pt")["step"] == 800
+    assert load_checkpoint(checkpoints / "last.pt")["step"] == 240
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert not list(checkpoints.glob(".*.tmp-*"))  # leftovers of interrupted writes are cleaned up
     print(f"kills={kills} mid_write={mid_write} steps={steps_seen}")

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "resnetlab.cli.serve",
     "resnetlab.cli.predict",
     "resnetlab.cli.export",
+    "resnetlab.cli.benchmark",
     "resnetlab.cli.data",
 )
 

@@ -36,6 +36,7 @@ def export_model(
     quantize: str | None = None,
     calibration: torch.Tensor | None = None,
     opset: int | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Write ``model`` as ``fmt`` (onnx | torchscript | exported-program) to ``path`` plus its sidecar.
 
@@ -58,7 +59,7 @@ def export_model(
 
         net, folded = fold_batchnorm(model)
     c = model.config
-    example = torch.zeros(2, c.in_chans, *c.input_size[1:])
+    example = torch.zeros(2, c.in_chans, *((image_size, image_size) if image_size else c.input_size[1:]))
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
