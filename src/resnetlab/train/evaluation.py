@@ -28,7 +28,9 @@ def evaluate_model(
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``source`` (see ``load_model``) on ``data`` (default: what it was trained on)."""
-    model = load_model(source, pretrained=pretrained)
+    from resnetlab.export import ExportedModel, is_export
+
+    model = ExportedModel(source) if is_export(source) else load_model(source, pretrained=pretrained)
     config = model.config
     trained_on = _trained_with(source).get("data")
     bundle = build_data(
