@@ -55,7 +55,8 @@ def gradients_study(
 ) -> dict[str, Any]:
     """Gradient norms per layer for plain{d} and resnet{d}: at init, and (``train_steps`` > 0) while training."""
     folder = study_dir("gradients", out)
-    bundle = study_data(data, subset=subset, seed=seed, augment="none")
+    # the training runs here are for measuring gradients: a small test subset keeps their final eval cheap
+    bundle = study_data(data, subset=subset, test_subset=500, seed=seed, augment="none")
     loader = torch.utils.data.DataLoader(bundle.train, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
     batch = next(iter(loader))
