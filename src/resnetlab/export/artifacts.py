@@ -7,6 +7,7 @@ before an artifact is loaded; a truncated or altered file is refused by name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -20,7 +21,19 @@ from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.models import ResNet, ResNetConfig
 from resnetlab.models.weights import sha256_file
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2", "tflite": ".tflite",
+           "coreml": ".mlpackage"}  # fmt: skip
+MOBILE = ("tflite", "coreml")
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of every file of a folder artifact (.mlpackage) with its relative names."""
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(item.relative_to(path)).encode() + b"\0" + sha256_file(item).encode())
+    return digest.hexdigest()
 
 
 def sidecar(path: Path) -> Path:
@@ -44,13 +57,16 @@ def export_model(
     quantization calibrated on ``calibration`` (a batch of preprocessed images).
     """
     if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)} "
-                          "(tflite and coreml: see docs/deployment.md)")  # fmt: skip
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize must be 'int8', not {quantize!r}")
+    if fmt in MOBILE and fold_bn:
+        raise ConfigError(f"the {fmt} converter folds BatchNorm itself; drop --fold-bn")
     if quantize and fmt != "onnx":
         raise ConfigError("int8 quantization is done with ONNX Runtime: use --format onnx")
     path = Path(path)
+    if fmt == "coreml" and path.suffix != ".mlpackage":  # coremltools insists on the suffix
+        path = path.with_suffix(".mlpackage")
     path.parent.mkdir(parents=True, exist_ok=True)
     folded = 0
     net = model.eval()
@@ -76,6 +92,10 @@ def export_model(
                     raise ConfigError("int8 quantization needs calibration images (--calibration-data)")
                 quantize_onnx_int8(target, path, calibration)
                 target.unlink()
+        elif fmt in MOBILE:
+            from resnetlab.export import mobile
+
+            (mobile.to_tflite if fmt == "tflite" else mobile.to_coreml)(net, path)
         elif fmt == "torchscript":
             torch.jit.save(torch.jit.trace(net, example), str(path))
         else:
@@ -84,7 +104,7 @@ def export_model(
     meta = {
         "resnetlab_export": 1, "format": fmt, "architecture": model.name, "config": c.to_dict(),
         "fold_bn": fold_bn, "folded_pairs": folded, "quantize": quantize, "torch": torch.__version__,
-        "input_name": "input", "sha256": sha256_file(path),
+        "input_name": "input", "sha256": sha256_path(path),
     }  # fmt: skip
     sidecar(path).write_text(json.dumps(meta, indent=2))
     return path
@@ -93,7 +113,7 @@ def export_model(
 def read_export(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of an exported artifact, after checking the artifact against its sha256."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"exported model not found: {path}")
     try:
         meta = json.loads(sidecar(path).read_text())
@@ -101,7 +121,7 @@ def read_export(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightsError(f"{path} has no metadata file {sidecar(path).name}; re-export it with resnetlab") from None
     except json.JSONDecodeError as err:
         raise WeightsError(f"{sidecar(path)} is not valid JSON ({err})") from err
-    if sha256_file(path) != meta.get("sha256"):
+    if sha256_path(path) != meta.get("sha256"):
         raise WeightsError(f"{path} is corrupt or was modified: its sha256 differs from {sidecar(path).name}")
     return meta
 
@@ -114,6 +134,19 @@ def load_export(path: str | os.PathLike, *, threads: int | None = None) -> tuple
     meta = read_export(path)
     config = ResNetConfig.from_dict(meta["config"])
     fmt = meta["format"]
+    if fmt == "coreml":
+        raise ConfigError("Core ML models run on Apple platforms only; use the ONNX or TFLite export here")
+    if fmt == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+
+        def forward_tflite(x: torch.Tensor) -> torch.Tensor:
+            runner = interpreter.get_signature_runner()
+            (output,) = runner(**{runner.get_input_details().popitem()[0]: x.contiguous().numpy()}).values()
+            return torch.from_numpy(output)
+
+        return forward_tflite, config, meta
     if fmt == "onnx":
         import onnxruntime as ort
 
