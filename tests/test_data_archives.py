@@ -172,7 +172,7 @@ def test_zip_symlink_members_are_ignored(tmp_path):
     with zipfile.ZipFile(path, "a") as archive:
         info = zipfile.ZipInfo("pets/train/cat/link.png")
         info.create_system = 3
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         archive.writestr(info, "/etc/passwd")
     with pytest.warns(UserWarning, match="symlink members"):
         store = open_store(path)
@@ -216,3 +216,15 @@ def test_small_images_without_cache_or_of_mixed_sizes_decode_per_item(tmp_path):
         mixed = build_data(source, image_size=8)
     assert type(mixed.train).__name__ == "LazyImageDataset" and len(mixed.train) == 5
     assert {tuple(mixed.train[i][0].shape) for i in range(5)} == {(3, 8, 8)}
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    from PIL import Image
+
+    from resnetlab.data import build_data
+
+    (tmp_path / "train" / "ants").mkdir(parents=True)
+    (tmp_path / "train" / "bees").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "ants" / "a.png")
+    with pytest.raises(DataError, match=r"train/bees .*has no images"):
+        build_data(tmp_path)

@@ -32,7 +32,7 @@ def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
     return load_recipe("demo", **values)
 
 
-def test_recipes_load_and_validate(tmp_path) -> None:
+def test_recipes_load_and_validate(tmp_path, monkeypatch) -> None:
     assert {"cifar-paper", "imagenet-v1", "imagenet-modern", "finetune", "demo"} <= set(recipe_names())
     paper = load_recipe("cifar-paper")
     assert (paper.lr, paper.batch_size, paper.max_iters, paper.milestones) == (0.1, 128, 64000, [32000, 48000])
@@ -45,6 +45,9 @@ def test_recipes_load_and_validate(tmp_path) -> None:
     custom = tmp_path / "mine.yaml"
     custom.write_text("model: resnet32\nlr: 0.05\n")
     assert load_recipe(custom).model == "resnet32"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # a folder named like a recipe must not shadow it
+    assert load_recipe("demo").model == "resnet20"
     custom.write_text("- not a mapping\n")
     with pytest.raises(ConfigError, match="mapping of option names"):
         load_recipe(custom)

@@ -246,7 +246,7 @@ def _load_source(source: str | os.PathLike | None, *, image_size: int | None, do
     layout = find_cifar_layout(store.names)
     if layout is not None:
         return _load_cifar(store, layout)
-    index = index_image_folder(store.names, where=str(path))
+    index = index_image_folder(store.names, where=str(path), empty_dirs=getattr(store, "empty_dirs", ()))
     first_name = next(name for samples in index.splits.values() for name, _ in samples[:1])
     with store.open(first_name) as stream:
         first_side = max(probe_image(stream, name=store.describe(first_name)))

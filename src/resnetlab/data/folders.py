@@ -41,19 +41,33 @@ def _is_hidden(parts: tuple[str, ...]) -> bool:
 
 
 def index_image_folder(
-    names: Iterable[str], *, where: str, extensions: tuple[str, ...] = IMG_EXTENSIONS
+    names: Iterable[str],
+    *,
+    where: str,
+    extensions: tuple[str, ...] = IMG_EXTENSIONS,
+    empty_dirs: Iterable[str] = (),
 ) -> FolderIndex:
-    """Index relative POSIX file names into splits and classes (see the module docstring)."""
+    """Index relative POSIX file names into splits and classes (see the module docstring).
+
+    ``empty_dirs`` are folders with nothing in them; one at the class level is an error, as in
+    torchvision's ImageFolder (silently dropping it would shift the class indices between splits)."""
     paths = [tuple(n.split("/")) for n in names]
     paths = [p for p in paths if not _is_hidden(p)]
     images = [p for p in paths if p[-1].lower().endswith(extensions)]
     wrapper: tuple[str, ...] = ()  # single folders around everything, looked through
-    while images and images[0][len(wrapper)].lower() not in SPLIT_ALIASES and all(
-        len(p) >= len(wrapper) + 3 and p[len(wrapper)] == images[0][len(wrapper)] for p in images
+    while (
+        images
+        and images[0][len(wrapper)].lower() not in SPLIT_ALIASES
+        and all(len(p) >= len(wrapper) + 3 and p[len(wrapper)] == images[0][len(wrapper)] for p in images)
     ):
         wrapper += (images[0][len(wrapper)],)
     depth = len(wrapper)
     has_splits = any(len(p) > depth + 2 and p[depth].lower() in SPLIT_ALIASES for p in images)
+    for empty in (tuple(e.split("/")) for e in empty_dirs):
+        rest = empty[depth:] if empty[:depth] == wrapper else ()
+        at_class_level = (len(rest) == 2 and rest[0].lower() in SPLIT_ALIASES) if has_splits else len(rest) == 1
+        if at_class_level:
+            raise DataError(f"class folder {'/'.join(empty)} in {where} has no images: add images or remove it")
     by_split: dict[str, list[tuple[str, str]]] = {}
     skipped: list[str] = []
     for parts in sorted(paths):

@@ -76,6 +76,7 @@ class DirectoryStore:
     def __init__(self, root: str | os.PathLike, *, follow_symlinks: bool = False) -> None:
         self.root = Path(root).expanduser()
         self.follow_symlinks = follow_symlinks
+        self.empty_dirs: list[str] = []  # folders with nothing in them (an empty class is an error)
         self.names = self._walk()
 
     def _walk(self) -> list[str]:
@@ -97,6 +98,8 @@ class DirectoryStore:
                 else:
                     kept_dirs.append(name)
             dirnames[:] = kept_dirs
+            if not kept_dirs and not filenames:
+                self.empty_dirs.append(relative_dir.as_posix())
             for name in sorted(filenames):
                 if self._escapes(os.path.join(dirpath, name), real_root):
                     escaping.append((relative_dir / name).as_posix())

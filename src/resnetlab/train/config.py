@@ -138,7 +138,7 @@ def recipe_names() -> list[str]:
 def load_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """A named recipe (``cifar-paper``) or a YAML file, with ``overrides`` applied on top."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a recipe is not one
         try:
             text = path.read_text()
         except OSError as err:
