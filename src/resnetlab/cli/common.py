@@ -12,6 +12,13 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
+def add_model_source(parser: argparse.ArgumentParser, *, exports: bool = False) -> None:
+    """``--from`` (what to load; see ``resnetlab.loading.load_model``) and ``--pretrained``."""
+    what = "run/model folder, checkpoint" + (", exported artifact" if exports else "") + ", or a model name"
+    parser.add_argument("--from", dest="source", required=True, help=what)
+    parser.add_argument("--pretrained", help="weights tag when --from is a name (e.g. tv_in1k, cifar10_akamaster)")
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=_json_default))
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.cli.common import add_json_flag, add_model_source, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model (onnx, torchscript, exported-program)",
                        description="Export, then check the artifact against PyTorch on random inputs.")  # fmt: skip
-    p.add_argument("--from", dest="source", required=True, help="run/model folder, checkpoint, or a model name")
-    p.add_argument("--pretrained", help="weights tag when --from is a name")
+    add_model_source(p)
     p.add_argument("--format", default="onnx",
                    choices=["onnx", "torchscript", "exported-program", "tflite", "coreml"],
                    help="tflite and coreml need the extras resnetlab[tflite] / resnetlab[coreml]")  # fmt: skip

@@ -7,7 +7,7 @@ import csv
 import sys
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.cli.common import add_json_flag, add_model_source, print_json
 from resnetlab.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -16,8 +16,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify images with a trained model",
                        description="Top-k labels with probabilities. Preprocessing comes from the model.")  # fmt: skip
-    p.add_argument("--from", dest="source", required=True, help="run/model folder, checkpoint, or a model name")
-    p.add_argument("--pretrained", help="weights tag when --from is a name (e.g. tv_in1k, cifar10_akamaster)")
+    add_model_source(p, exports=True)
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from resnetlab.cli.common import add_model_source
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP inference with dynamic batching (FastAPI + uvicorn)",
                        description="POST an image to /predict, get JSON top-k. See docs/serving.md.")  # fmt: skip
-    p.add_argument("--from", dest="source", required=True, help="run/model folder, checkpoint, or a model name")
-    p.add_argument("--pretrained", help="weights tag when --from is a name")
+    add_model_source(p, exports=True)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")

@@ -54,8 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="any other recipe option, e.g. --set milestones=[30,60] --set model_options={shortcut: B}",
     )
     p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT", help="continue an interrupted run")
-    p.add_argument("--auto-resume", dest="auto_resume", action="store_true", default=None,
-                   help="continue from --run-dir's last checkpoint when there is one (for torchrun --max-restarts)")
+    p.add_argument(
+        "--auto-resume",
+        dest="auto_resume",
+        action="store_true",
+        default=None,
+        help="continue from --run-dir's last checkpoint when there is one (for torchrun --max-restarts)",
+    )
     add_json_flag(p)
     p.set_defaults(func=train)
 
