@@ -23,6 +23,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "resnetlab.cli.export",
     "resnetlab.cli.benchmark",
     "resnetlab.cli.data",
+    "resnetlab.cli.finetune",
+    "resnetlab.cli.features",
+    "resnetlab.cli.similar",
 )
 
 

@@ -1,0 +1,37 @@
+"""``resnetlab similar``: nearest images of an embeddings index (made by ``resnetlab features``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from resnetlab.cli.common import add_json_flag, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("similar", help="find the indexed images most similar to query images",
+                       description="Embeds the queries with the index's own model and stage, then ranks the "
+                       "index by cosine similarity.")  # fmt: skip
+    p.add_argument("queries", nargs="+", help="query image files and/or folders")
+    p.add_argument("--index", required=True, help="embeddings file from `resnetlab features` (.npy or .parquet)")
+    p.add_argument("-k", "--top-k", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    add_json_flag(p)
+    p.set_defaults(func=similar)
+
+
+def similar(args: argparse.Namespace) -> int:
+    from resnetlab.transfer.features import similar_images
+
+    results, failed = similar_images(args.index, args.queries, k=args.top_k, device=args.device)
+    if args.json:
+        print_json({"results": [{"query": q, "matches": [{"file": f, "score": s} for f, s in m]}
+                                for q, m in results],
+                    "skipped": [{"file": f, "reason": r} for f, r in failed]})  # fmt: skip
+        return 0
+    for query, matches in results:
+        print(query)
+        for file, score in matches:
+            print(f"  {score:.4f}  {file}")
+    for path, reason in failed:
+        print(f"skipped {path}: {reason}")
+    return 0

@@ -1,0 +1,175 @@
+"""Embeddings: pooled features of any stage for many images, saved with their file names, and searched.
+
+Images go through ``Predictor.preprocess`` (the model's own input size, crop, mean/std; every image mode
+and EXIF orientation via ``resnetlab.data.load_image``), so embeddings match what the model saw in
+training. An embeddings file ``NAME.npy`` has siblings ``NAME.csv`` (one file name per row) and
+``NAME.json`` (how it was made, so ``similar`` can embed a query the same way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnetlab.errors import ConfigError, DataError, InputError
+from resnetlab.inference import Predictor
+from resnetlab.models import ResNet
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of the named submodules (``"layer3.1"``, ``"layer4"``) during forward passes.
+
+    >>> with capture_outputs(model, ["layer2", "layer3.0.shortcut"]) as outputs:
+    ...     model(x)
+    >>> outputs["layer2"].shape
+    """
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise InputError(f"no module named {unknown} in {type(model).__name__}; e.g. {list(modules)[1:6]}")
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            outputs[name] = output
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def pooled_features(model: ResNet, batch: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+    """Global-average-pooled features (N, C): of the last stage (the classifier's input) or stage
+    ``stage`` (0 = stem, 1..N as in ``model.feature_info``)."""
+    if stage is None:
+        return model.forward_head(model.forward_features(batch), pre_logits=True)
+    [feature_map] = model.forward_intermediates(batch, [stage], intermediates_only=True)
+    return F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
+
+
+@dataclass
+class Embeddings:
+    """One row per image: ``vectors[i]`` is the embedding of ``files[i]``."""
+
+    vectors: np.ndarray
+    files: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): reported, not embedded
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """``out.npy`` + ``out.csv`` + ``out.json``, or ``out.parquet`` (needs pandas + pyarrow) + ``out.json``."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".parquet":
+            try:
+                import pandas as pd
+                import pyarrow  # noqa: F401
+            except ImportError as err:
+                raise ConfigError("writing parquet needs pandas and pyarrow: pip install 'resnetlab[parquet]'; "
+                                  "or use --out NAME.npy") from err  # fmt: skip
+            pd.DataFrame({"file": self.files, "embedding": list(self.vectors)}).to_parquet(out)
+        else:
+            out = out.with_suffix(".npy")
+            np.save(out, self.vectors)
+            with open(out.with_suffix(".csv"), "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["index", "file"])
+                writer.writerows(enumerate(self.files))
+        out.with_suffix(".json").write_text(json.dumps({**self.meta, "count": len(self.files),
+                                                        "dim": int(self.vectors.shape[1])}, indent=1))  # fmt: skip
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Embeddings:
+        path = Path(path)
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            frame = pd.read_parquet(path)
+            return cls(np.stack(frame["embedding"].to_numpy()), frame["file"].tolist(), meta)
+        path = path.with_suffix(".npy")
+        if not path.is_file() or not path.with_suffix(".csv").is_file():
+            raise DataError(f"no embeddings index at {path} (+ .csv); make one with `resnetlab features`")
+        with open(path.with_suffix(".csv"), newline="") as f:
+            files = [row["file"] for row in csv.DictReader(f)]
+        vectors = np.load(path, allow_pickle=False)
+        if len(vectors) != len(files):
+            raise DataError(f"{path} has {len(vectors)} rows but its .csv lists {len(files)} files")
+        return cls(vectors, files, meta)
+
+
+@torch.no_grad()
+def extract_features(
+    predictor: Predictor,
+    files: Iterable[str | os.PathLike],
+    *,
+    stage: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Embeddings:
+    """Embed every image file in batches; unreadable files are listed in ``.failed`` and skipped."""
+    from tqdm.auto import tqdm
+
+    model = predictor.model
+    paths = [str(p) for p in files]
+    chunks, names, failed = [], [], []
+    for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="features", unit="batch"):
+        tensors = []
+        for path in paths[start : start + batch_size]:
+            try:
+                tensors.append(predictor.preprocess(path))
+                names.append(path)
+            except DataError as err:
+                failed.append((path, str(err)))
+        if tensors:
+            batch = torch.stack(tensors).to(predictor.device)
+            chunks.append(pooled_features(model, batch, stage).float().cpu())
+    dim = chunks[0].shape[1] if chunks else 0
+    vectors = torch.cat(chunks).numpy() if chunks else np.zeros((0, dim), np.float32)
+    meta = {"architecture": model.name, "stage": stage, "preprocessing": predictor.metadata}
+    return Embeddings(vectors, names, meta, failed)
+
+
+def nearest(index: Embeddings, queries: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+    """The ``k`` most cosine-similar indexed files for each query vector, best first."""
+    if index.vectors.shape[1] != queries.shape[1]:
+        raise InputError(f"query embeddings have {queries.shape[1]} dims, the index {index.vectors.shape[1]}; "
+                         "embed queries with the index's model and stage")  # fmt: skip
+    keys = F.normalize(torch.from_numpy(index.vectors).float(), dim=1)
+    scores = F.normalize(torch.from_numpy(queries).float(), dim=1) @ keys.T
+    values, indices = scores.topk(min(k, len(index.files)), dim=1)
+    return [[(index.files[i], round(v, 6)) for i, v in zip(idx.tolist(), val.tolist())]
+            for val, idx in zip(values, indices)]  # fmt: skip
+
+
+def similar_images(
+    index_path: str | os.PathLike, queries: Sequence[str], *, k: int = 5, device: str = "cpu"
+) -> tuple[list[tuple[str, list[tuple[str, float]]]], list[tuple[str, str]]]:
+    """Embed ``queries`` (files/folders) with the index's model and stage; their ``k`` nearest indexed files."""
+    from resnetlab.cli.predict import collect_images
+
+    index = Embeddings.load(index_path)
+    if "source" not in index.meta:
+        raise DataError(f"{index_path} has no .json sidecar naming its model; re-create it with `resnetlab features`")
+    predictor = Predictor.load(index.meta["source"], pretrained=index.meta.get("pretrained"), device=device)
+    found = extract_features(predictor, collect_images(list(queries)), stage=index.meta.get("stage"))
+    return list(zip(found.files, nearest(index, found.vectors, k))), found.failed
