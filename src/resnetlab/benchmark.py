@@ -1,7 +1,8 @@
 """``benchmark``: throughput, latency percentiles and memory of a model, next to torchvision's.
 
 The yardstick is torchvision's model of the same name, run eagerly in the same process with the same
-batch, size and threads, so the printed ratio is a like-for-like comparison on whatever machine this is.
+batch, size and threads, its iterations interleaved with ours, so the printed ratio is a like-for-like
+comparison on whatever machine this is, even a busy one.
 """
 
 from __future__ import annotations
@@ -65,17 +66,21 @@ def _runner(model: nn.Module, backend: str, example: torch.Tensor, *, fold_bn: b
     return infer
 
 
-def _time(run: Callable[[torch.Tensor], Any], x: torch.Tensor, warmup: int, iters: int) -> list[float]:
+def _time(runs: list[Callable[[torch.Tensor], Any]], x: torch.Tensor, warmup: int, iters: int) -> list[list[float]]:
+    """Time each runner ``iters`` times, interleaved (A, B, A, B, ...) so that a busy machine slows every
+    contestant alike and their ratio stays fair."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        run(x)
+    for run in runs:
+        for _ in range(warmup):
+            run(x)
     sync()
-    times = []
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(iters):
-        start = time.perf_counter()
-        run(x)
-        sync()
-        times.append(time.perf_counter() - start)
+        for run, bucket in zip(runs, times):
+            start = time.perf_counter()
+            run(x)
+            sync()
+            bucket.append(time.perf_counter() - start)
     return times
 
 
@@ -118,8 +123,15 @@ def benchmark(
         x = x.contiguous(memory_format=torch.channels_last)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run = _runner(model, backend, x, fold_bn=fold_bn, channels_last=channels_last, train=train, threads=threads)
-    ours = _stats(_time(run, x, warmup, iters), batch)
+    runs = [_runner(model, backend, x, fold_bn=fold_bn, channels_last=channels_last, train=train, threads=threads)]
+    import torchvision
+
+    has_reference = compare and name in torchvision.models.list_models(module=torchvision.models)
+    if has_reference:
+        reference = torchvision.models.get_model(name).to(dev)
+        runs.append(_runner(reference, "eager", x, fold_bn=False, channels_last=False, train=train, threads=threads))
+    times = _time(runs, x, warmup, iters)
+    ours = _stats(times[0], batch)
     result: dict[str, Any] = {
         "model": name,
         "backend": backend,
@@ -139,11 +151,7 @@ def benchmark(
         ),
         "torch": torch.__version__,
     }
-    import torchvision
-
-    if compare and name in torchvision.models.list_models(module=torchvision.models):
-        reference = torchvision.models.get_model(name).to(dev)
-        reference_run = _runner(reference, "eager", x, fold_bn=False, channels_last=False, train=train, threads=threads)
-        result["torchvision_eager"] = _stats(_time(reference_run, x.contiguous(), warmup, iters), batch)
+    if has_reference:
+        result["torchvision_eager"] = _stats(times[1], batch)
         result["speedup_vs_torchvision"] = result["torchvision_eager"]["p50_ms"] / ours["p50_ms"]
     return result
