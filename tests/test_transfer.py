@@ -1,0 +1,161 @@
+"""Fine-tuning: strategies freeze what they say, BN modes keep statistics, sources load, the CLI works."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import resnetlab
+from resnetlab.cli.main import main
+from resnetlab.errors import ConfigError, WeightsError
+from resnetlab.models.weights import adapt_input_conv
+from resnetlab.train import load_recipe
+from resnetlab.transfer import FinetuneStrategy, apply_strategy, finetune, load_pretrained_source, parameter_groups
+
+TINY = dict(widths=(4, 8, 16), stem_channels=4)  # a resnet20 layout, 4x narrower
+
+
+def _tiny(**overrides: object) -> resnetlab.ResNet:
+    torch.manual_seed(0)
+    return resnetlab.create_model("resnet20", **{**TINY, **overrides})
+
+
+def _trainable(model: resnetlab.ResNet) -> set[str]:
+    return {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved 'pretrained' tiny ResNet-20 (10 classes, 3 channels)."""
+    path = tmp_path_factory.mktemp("pretrained")
+    resnetlab.save_pretrained(_tiny(num_classes=10), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder of 16 px images: reddish vs bluish squares (learnable in a few steps)."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("val", 8)):
+        for label, channel in (("red", 0), ("blue", 2)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
+                pixels[..., channel] += 120
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_linear_probe_trains_only_the_head() -> None:
+    model = _tiny()
+    assert apply_strategy(model.train(), FinetuneStrategy(mode="linear")) == ["head"]
+    assert _trainable(model) == {"fc"}
+    assert not model.layer1[0].bn1.training  # frozen parts keep their BN statistics
+
+
+def test_partial_freezes_the_stem_and_first_stages() -> None:
+    model = _tiny()
+    apply_strategy(model.train(), FinetuneStrategy(mode="partial", freeze_stages=2))
+    assert _trainable(model) == {"layer3", "fc"}
+    with pytest.raises(ConfigError, match="3 stages"):
+        apply_strategy(model, FinetuneStrategy(mode="partial", freeze_stages=4))
+
+
+@pytest.mark.parametrize(("bn", "affine_trains", "bn_training"), [("train", True, True), ("eval", True, False),
+                                                                   ("frozen", False, False)])  # fmt: skip
+def test_bn_modes(bn: str, affine_trains: bool, bn_training: bool) -> None:
+    model = _tiny()
+    apply_strategy(model.train(), FinetuneStrategy(bn=bn))
+    norm = model.layer2[0].bn1
+    assert norm.weight.requires_grad is affine_trains and norm.training is bn_training
+    assert model.layer2[0].conv1.weight.requires_grad
+
+
+def test_gradual_unfreezing_goes_down_one_part_per_step() -> None:
+    model, strategy = _tiny(), FinetuneStrategy(unfreeze_every=2)
+    seen = [apply_strategy(model, strategy, epoch) for epoch in range(0, 10, 2)]
+    assert seen == [["head"], ["layer3", "head"], ["layer2", "layer3", "head"],
+                    ["layer1", "layer2", "layer3", "head"], ["stem", "layer1", "layer2", "layer3", "head"]]  # fmt: skip
+    partial = FinetuneStrategy(mode="partial", freeze_stages=2, unfreeze_every=1)
+    assert apply_strategy(model, partial, epoch=10) == ["layer3", "head"]  # never below what the mode allows
+
+
+def test_discriminative_learning_rates_decay_towards_the_stem() -> None:
+    groups = parameter_groups(_tiny(), lr=0.1, weight_decay=1e-4, lr_decay=0.5)
+    assert [g["name"] for g in groups] == ["stem", "layer1", "layer2", "layer3", "head"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.1 / 16, 0.1 / 8, 0.1 / 4, 0.1 / 2, 0.1])
+    total = sum(p.numel() for g in groups for p in g["params"])
+    assert total == sum(p.numel() for p in _tiny().parameters())
+
+
+def test_strategy_rejects_nonsense() -> None:
+    for bad in (dict(mode="half"), dict(bn="sync"), dict(lr_decay=0), dict(mode="partial")):
+        with pytest.raises(ConfigError):
+            FinetuneStrategy(**bad)
+
+
+def test_sources_load_and_adapt_the_input_conv(source_dir: Path, tmp_path: Path) -> None:
+    original = resnetlab.from_pretrained(source_dir)
+    grey = load_pretrained_source(source_dir, in_chans=1)
+    torch.testing.assert_close(grey.conv1.weight, adapt_input_conv(original.conv1.weight, 1))
+    multispectral = load_pretrained_source(source_dir, in_chans=5)
+    assert multispectral.conv1.weight.shape[1] == 5
+    torch.save(original.state_dict(), tmp_path / "plain.pth")  # a bare state dict needs the architecture
+    with pytest.raises(WeightsError, match="--model"):
+        load_pretrained_source(tmp_path / "plain.pth")
+    with pytest.raises(WeightsError):
+        load_pretrained_source(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_linear_probe_leaves_the_backbone_untouched(source_dir: Path, folder: Path, tmp_path: Path) -> None:
+    cfg = load_recipe("finetune", data=str(folder), pretrained=str(source_dir), image_size=16, batch_size=8,
+                      max_iters=6, lr=0.05, warmup_iters=0, run_dir=str(tmp_path / "run"), progress=False)  # fmt: skip
+    result = finetune(cfg, FinetuneStrategy(mode="linear", bn="eval"))
+    before, after = resnetlab.from_pretrained(source_dir).state_dict(), result.model.state_dict()
+    for key, value in before.items():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(after[key].cpu(), value, msg=key)  # weights and BN statistics
+    saved = resnetlab.from_pretrained(result.model_dir)
+    assert saved.config.label_names == ("blue", "red") and saved.config.num_classes == 2
+    assert (result.run_dir / "history.json").is_file()
+
+
+@pytest.mark.slow
+def test_grey_data_finetunes_a_three_channel_source(source_dir: Path, tmp_path: Path) -> None:
+    cfg = load_recipe("finetune", data="digits", pretrained=str(source_dir), image_size=16, batch_size=16,
+                      max_iters=3, warmup_iters=0, run_dir=str(tmp_path / "run"), progress=False)  # fmt: skip
+    result = finetune(cfg, FinetuneStrategy(mode="partial", freeze_stages=1, lr_decay=0.5))
+    assert result.model.config.in_chans == 1 and result.model.config.num_classes == 10
+    assert np.isfinite(result.history[-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_cli_finetune_json(source_dir: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["finetune", "--from", str(source_dir), "--data", str(folder), "--mode", "full", "--bn", "frozen",
+                 "--unfreeze-every", "1", "--epochs", "2", "--batch-size", "8", "--image-size", "16",
+                 "--run-dir", str(tmp_path / "cli"), "--json"])  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [h["trainable"] for h in out["history"]] == [["head"], ["layer3", "head"]]
+    assert Path(out["model_dir"], "model.safetensors").is_file()
+
+
+def test_cli_reports_a_torchvision_weights_name_it_cannot_get(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
+    code = main(["finetune", "--from", "ResNet18_Weights.IMAGENET1K_V1", "--data", "digits", "--max-iters", "1"])
+    assert code == 1
+    assert "could not download" in capsys.readouterr().err
+
+
+def _offline(*args: object, **kwargs: object) -> None:
+    raise OSError("no internet")
