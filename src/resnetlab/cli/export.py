@@ -9,7 +9,7 @@ from resnetlab.cli.common import add_json_flag, add_model_source, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a model (onnx, torchscript, exported-program)",
+    p = sub.add_parser("export", help="export a model (onnx, torchscript, exported-program, tflite, coreml)",
                        description="Export, then check the artifact against PyTorch on random inputs.")  # fmt: skip
     add_model_source(p)
     p.add_argument("--format", default="onnx",
