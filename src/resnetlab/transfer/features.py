@@ -31,7 +31,7 @@ from resnetlab.models import ResNet
 def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Record the outputs of the named submodules (``"layer3.1"``, ``"layer4"``) during forward passes.
 
-    >>> with capture_outputs(model, ["layer2", "layer3.0.shortcut"]) as outputs:
+    >>> with capture_outputs(model, ["layer2", "layer3.0.bn2"]) as outputs:
     ...     model(x)
     >>> outputs["layer2"].shape
     """

@@ -1,0 +1,106 @@
+"""Embeddings: hooks, pooled stages, files of any mode, bad files skipped, saved index, similar search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import resnetlab
+from resnetlab.cli.main import main
+from resnetlab.errors import InputError
+from resnetlab.inference import Predictor
+from resnetlab.transfer.features import Embeddings, capture_outputs, extract_features, nearest, pooled_features
+
+TINY = dict(widths=(4, 8, 16), stem_channels=4, input_size=(3, 16, 16), crop_pct=1.0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model")
+    resnetlab.save_pretrained(resnetlab.create_model("resnet20", num_classes=3, **TINY), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images in awkward modes (L, RGBA, CMYK, 16-bit, EXIF-rotated), one corrupt file, one duplicate."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    rgb.save(root / "rgb.png")
+    rgb.save(root / "rgb_copy.png")
+    rgb.convert("L").save(root / "grey.png")
+    rgb.convert("RGBA").save(root / "alpha.png")
+    rgb.convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(root / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    rgb.save(root / "rotated.jpg", exif=exif)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return root
+
+
+def test_capture_outputs_records_named_modules_and_removes_its_hooks() -> None:
+    model = resnetlab.create_model("resnet20", **TINY).eval()
+    x = torch.rand(2, 3, 16, 16)
+    with capture_outputs(model, ["layer2", "layer3.0.bn2"]) as outputs:
+        model(x)
+    assert outputs["layer2"].shape == (2, 8, 8, 8)
+    assert outputs["layer3.0.bn2"].shape == (2, 16, 4, 4)  # a residual branch, before the addition
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(InputError, match="no module"), capture_outputs(model, ["layer9"]):
+        pass
+
+
+def test_pooled_features_of_the_last_stage_are_the_classifier_input() -> None:
+    model = resnetlab.create_model("resnet20", **TINY).eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        last = pooled_features(model, x)
+        torch.testing.assert_close(model.fc(last), model(x))
+        assert pooled_features(model, x, stage=1).shape == (2, 4)
+        maps = resnetlab.create_model("resnet20", features_only=True, out_indices=(1, 2, 3), **TINY)(x)
+    assert [m.shape[1] for m in maps] == [4, 8, 16]  # multi-scale maps of a features-only model
+
+
+def test_every_mode_is_embedded_and_bad_files_are_reported(model_dir: Path, images: Path) -> None:
+    files = sorted(images.iterdir())
+    result = extract_features(Predictor.load(model_dir), files, batch_size=3)
+    assert [Path(f).name for f, _ in result.failed] == ["broken.jpg"]
+    assert len(result.files) == len(files) - 1 and result.vectors.shape == (len(files) - 1, 16)
+    assert np.isfinite(result.vectors).all()
+    by_name = dict(zip((Path(f).name for f in result.files), result.vectors))
+    np.testing.assert_allclose(by_name["rgb.png"], by_name["rgb_copy.png"])
+
+
+def test_embeddings_round_trip_and_nearest(tmp_path: Path) -> None:
+    vectors = np.eye(3, dtype=np.float32) + 0.01
+    saved = Embeddings(vectors, ["a.png", "b.png", "c.png"], {"stage": None}).save(tmp_path / "index.npy")
+    loaded = Embeddings.load(saved)
+    assert loaded.files == ["a.png", "b.png", "c.png"]
+    assert json.loads(saved.with_suffix(".json").read_text())["dim"] == 3
+    [[(best, score), _]] = nearest(loaded, vectors[1:2], k=2)
+    assert best == "b.png" and score == pytest.approx(1.0)
+    with pytest.raises(InputError, match="dims"):
+        nearest(loaded, np.ones((1, 4), np.float32))
+
+
+def test_cli_features_then_similar(model_dir: Path, images: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    out = tmp_path / "emb.npy"
+    assert main(["features", "--from", str(model_dir), str(images), "--out", str(out), "--stage", "2",
+                 "--json"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["count"] == 7 and summary["dim"] == 8 and len(summary["skipped"]) == 1
+    assert out.with_suffix(".csv").read_text().splitlines()[0] == "index,file"
+    assert main(["similar", str(images / "rgb.png"), "--index", str(out), "-k", "3", "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)["results"]
+    # the same pixels: a copy, and the RGBA version (opaque alpha is dropped by load_image)
+    assert {Path(m["file"]).name for m in result["matches"]} == {"rgb.png", "rgb_copy.png", "alpha.png"}
+    assert all(m["score"] == pytest.approx(1.0, abs=1e-5) for m in result["matches"])
