@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from resnetlab.cli.main import main
+from resnetlab.data import build_data
 from resnetlab.errors import ConfigError, WeightsError
+from resnetlab.loading import load_model
 from resnetlab.train import TrainConfig, load_checkpoint, load_recipe, recipe_names, save_checkpoint, train
 from resnetlab.train.checkpoint import CheckpointError
 from resnetlab.train.engine import TrainingDiverged, lr_factor
@@ -71,6 +73,19 @@ def test_training_run_writes_everything(tmp_path) -> None:
     saved = json.loads((run / "model" / "config.json").read_text())
     assert saved["config"]["label_names"] == [str(i) for i in range(10)]
     assert saved["config"]["in_chans"] == 1
+
+
+def test_a_val_split_selects_the_model_and_the_test_set_grades_it(tmp_path) -> None:
+    from resnetlab.train.engine import evaluate
+
+    result = train(tiny_config(tmp_path, val_split=200))
+    assert result.test_accuracy is not None and result.summary()["test_accuracy"] == result.test_accuracy
+    assert result.best_accuracy == max(h["eval_top1"] for h in result.history)  # chosen on the 200 val images
+    bundle = build_data("digits", val_split=200, seed=tiny_config(tmp_path).seed)
+    selected = load_model(result.model_dir)
+    expected = evaluate(selected, bundle.test, torch.device("cpu"), num_classes=10)["top1"]
+    assert result.test_accuracy == pytest.approx(expected)
+    assert train(tiny_config(tmp_path / "no-val")).test_accuracy is None  # selected on test: nothing more to say
 
 
 def test_cli_train_and_eval_json(tmp_path, capsys) -> None:

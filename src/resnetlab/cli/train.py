@@ -98,8 +98,11 @@ def train(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.summary())
     else:
-        print(f"best top-1 {result.best_accuracy:.2f}%, final {result.final_accuracy:.2f}% after "
+        split = "test" if result.test_accuracy is None else "val"
+        print(f"best {split} top-1 {result.best_accuracy:.2f}%, final {result.final_accuracy:.2f}% after "
               f"{result.steps} steps in {result.seconds:.1f} s")  # fmt: skip
+        if result.test_accuracy is not None:
+            print(f"the model selected on val, on the test set: top-1 {result.test_accuracy:.2f}%")
         print(f"run folder: {result.run_dir}  (metrics.csv, curves.png, tensorboard/, checkpoints/)")
         print(f"model:      {result.model_dir}  (use with resnetlab eval / predict / export)")
     return 0

@@ -64,13 +64,15 @@ class TrainResult:
     model_dir: Path
     seconds: float
     images_per_second: float
+    test_accuracy: float | None = None  # the selected model on the test set, when selection used a val split
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "steps": self.steps,
             "epochs": self.epochs, "best_accuracy": self.best_accuracy, "final_accuracy": self.final_accuracy,
-            "seconds": round(self.seconds, 2), "images_per_second": round(self.images_per_second, 1),
+            "test_accuracy": self.test_accuracy, "seconds": round(self.seconds, 2),
+            "images_per_second": round(self.images_per_second, 1),
         }  # fmt: skip
 
 
@@ -486,18 +488,25 @@ def _train(
     seconds = time.perf_counter() - start_time
     model_dir = run_dir / "model"
     final = history[-1].get("eval_top1", float("nan")) if history else float("nan")
+    test_accuracy = None
     if is_main:
-        export_best_model(cfg, bundle, run_dir, model_dir, checkpoint_state(), use_ema=ema is not None, best=best)
+        selected = export_best_model(cfg, bundle, run_dir, model_dir, checkpoint_state(), use_ema=ema is not None,
+                                     best=best)  # fmt: skip
         plot_curves(history, run_dir / "curves.png")
-        logger.log_text(f"done: best top-1 {best:.2f}%, final {final:.2f}%; model saved to {model_dir}")
+        done = f"done: best {'val' if bundle.val is not None else 'test'} top-1 {best:.2f}%, final {final:.2f}%"
+        if bundle.val is not None and bundle.test is not None:  # selected on val: report it on the test set once
+            test_accuracy = evaluate(selected.to(device), bundle.test, device, amp_dtype=amp_dtype,
+                                     num_classes=bundle.num_classes)["top1"]  # fmt: skip
+            done += f"; the selected model on the test set: top-1 {test_accuracy:.2f}%"
+        logger.log_text(f"{done}; model saved to {model_dir}")
     logger.close()
     return TrainResult(run_dir, raw_model, step, epoch, history, best, final, model_dir, seconds,
-                       images_seen / max(seconds, 1e-9))  # fmt: skip
+                       images_seen / max(seconds, 1e-9), test_accuracy)  # fmt: skip
 
 
 def export_best_model(cfg: TrainConfig, bundle: DataBundle, run_dir: Path, model_dir: Path,
-                      current: dict[str, Any], *, use_ema: bool, best: float) -> None:  # fmt: skip
-    """Save the best checkpoint's weights (EMA weights when kept) as a ``save_pretrained`` folder."""
+                      current: dict[str, Any], *, use_ema: bool, best: float) -> ResNet:  # fmt: skip
+    """Save the best checkpoint's weights (EMA weights when kept) as a ``save_pretrained`` folder; return it."""
     best_path = run_dir / "checkpoints" / "best.pt"
     source = load_checkpoint(best_path) if best_path.is_file() else current
     weights = source["model"]
@@ -506,3 +515,4 @@ def export_best_model(cfg: TrainConfig, bundle: DataBundle, run_dir: Path, model
     model = build_model(cfg.replace(pretrained=None), bundle)
     model.load_state_dict(weights)
     save_pretrained(model, model_dir, extra={"trained_with": cfg.to_dict(), "best_top1": best})
+    return model
