@@ -6,6 +6,7 @@ import contextlib
 import errno
 import io
 import json
+import math
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.loading import load_model
 from resnetlab.train import TrainConfig, load_checkpoint, load_recipe, recipe_names, save_checkpoint, train
 from resnetlab.train.checkpoint import CheckpointError
-from resnetlab.train.engine import TrainingDiverged, TrainingInterrupted, lr_factor
+from resnetlab.train.engine import TrainingDiverged, TrainingInterrupted, TrainResult, lr_factor
 
 TINY = {"stem_channels": 4, "widths": [4, 8, 8]}
 
@@ -276,6 +278,162 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
     result = train(tiny_config(tmp_path, max_iters=3))
     with pytest.raises(WeightsError, match="another architecture"):
         train(tiny_config(tmp_path / "b", model="resnet32", pretrained=str(result.model_dir), max_iters=1))
+
+
+# ------------------------------------------------------------------ numerics and speed switches
+def _losses(tmp_path: Path, name: str, **overrides) -> tuple[list[float], TrainResult]:
+    """Per-step losses of a tiny run (and its result)."""
+    losses: list[float] = []
+    result = train(tiny_config(tmp_path / name, **overrides), callbacks=[lambda info: losses.append(info.loss)])
+    return losses, result
+
+
+def _watch(module_name: str, seen: list) -> Callable:
+    """A callback that, after step 1, records what later forward passes feed into ``module_name``."""
+
+    def callback(info) -> None:
+        if info.step == 1:
+            module = info.model.get_submodule(module_name)
+            module.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)) if mod.training else None)
+
+    return callback
+
+
+def test_bf16_autocast_on_cpu(tmp_path) -> None:
+    seen: list = []
+    losses: list[float] = []
+    cfg = tiny_config(tmp_path / "bf16", amp="bf16", max_iters=4, eval_every=4)
+    result = train(cfg, callbacks=[_watch("fc", seen), lambda info: losses.append(info.loss)])
+    assert seen and all(out.dtype == torch.bfloat16 for _, out in seen)  # the matmuls ran in bf16
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # the weights stay fp32
+    reference, _ = _losses(tmp_path, "fp32", max_iters=4, eval_every=4)
+    assert losses != reference and losses == pytest.approx(reference, rel=0.05)  # bf16 rounding, same run
+
+
+def test_channels_last_gives_the_same_losses(tmp_path) -> None:
+    seen: list = []
+    losses: list[float] = []
+    cfg = tiny_config(tmp_path / "nhwc", channels_last=True, max_iters=6, eval_every=6)
+    result = train(cfg, callbacks=[_watch("layer1", seen), lambda info: losses.append(info.loss)])
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in seen)
+    assert result.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    reference, _ = _losses(tmp_path, "nchw", max_iters=6, eval_every=6)
+    assert_same_trajectory(losses, reference)
+
+
+def assert_same_trajectory(losses: list[float], reference: list[float]) -> None:
+    """Equivalent fast paths: the same first loss (same weights, same batch: only rounding differs), then
+    losses within 1% (rounding differences grow a little from step to step, as between any two kernels)."""
+    assert len(losses) == len(reference)
+    assert losses[0] == pytest.approx(reference[0], rel=1e-5)
+    assert losses == pytest.approx(reference, rel=1e-2)
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_trajectory(tmp_path) -> None:
+    """torch.compile (inductor, CPU) trains the same run as eager mode, and the checkpoint and exported
+    model are the plain module's (no compile wrapper in the names)."""
+    small = dict(model="resnet8", max_iters=4, eval_every=4)  # fewer layers to compile: a third of the time
+    compiled, result = _losses(tmp_path, "compiled", compile=True, **small)
+    eager, _ = _losses(tmp_path, "eager", **small)
+    assert_same_trajectory(compiled, eager)
+    state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
+    load_model(result.model_dir)
+
+
+def test_gradient_clipping_bounds_the_gradients_the_optimizer_uses(tmp_path, monkeypatch) -> None:
+    """SGD's first step moves a weight by exactly -lr * (clipped grad + wd * weight)."""
+    from torch import nn
+
+    clip = nn.utils.clip_grad_norm_
+    first: dict = {}
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
+        assert norm > max_norm and clipped == pytest.approx(max_norm, rel=1e-4)  # active, and to the bound
+        if not first:
+            first.update(weight=parameters[-2].detach().clone(), grad=parameters[-2].grad.clone())  # fc.weight
+        return norm
+
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", recording_clip)
+    after: dict = {}
+    cfg = tiny_config(tmp_path, grad_clip=0.01, max_iters=2, eval_every=2)
+
+    def capture(info) -> None:
+        if info.step == 1:
+            after["weight"] = info.model.fc.weight.detach().clone()
+
+    train(cfg, callbacks=[capture])
+    expected = first["weight"] - cfg.lr * (first["grad"] + cfg.weight_decay * first["weight"])
+    torch.testing.assert_close(after["weight"], expected)
+
+
+def test_ema_weights_are_the_running_average_and_are_exported(tmp_path) -> None:
+    decay, raw = 0.6, []
+    cfg = tiny_config(tmp_path, ema_decay=decay, max_iters=4, eval_every=4)
+    result = train(cfg, callbacks=[lambda info: raw.append(info.model.fc.weight.detach().clone())])
+    expected = raw[0]
+    for weight in raw[1:]:
+        expected = decay * expected + (1 - decay) * weight
+    state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
+    torch.testing.assert_close(state["ema"]["module.fc.weight"], expected)
+    torch.testing.assert_close(load_model(result.model_dir).fc.weight, expected)  # model/ holds the EMA weights
+    assert not torch.allclose(result.model.fc.weight, expected)
+
+
+def test_mixup_and_cutmix_mix_the_batches_train_sees(tmp_path) -> None:
+    from resnetlab.data import DataBundle
+
+    bundle, calls = build_data(), []
+
+    def recording(**kwargs):
+        mix = DataBundle.mixup_cutmix(bundle, **kwargs)
+
+        def apply(x, y):
+            mixed, soft = mix(x, y)
+            calls.append((x, mixed, soft))
+            return mixed, soft
+
+        return apply
+
+    bundle.mixup_cutmix = recording
+    losses: list[float] = []
+    train(tiny_config(tmp_path, mixup_alpha=0.2, cutmix_alpha=1.0, max_iters=4, eval_every=4), bundle=bundle,
+          callbacks=[lambda info: losses.append(info.loss)])  # fmt: skip
+    assert len(calls) == 4 and all(soft.shape == (32, 10) for _, _, soft in calls)
+    for x, mixed, soft in calls:
+        torch.testing.assert_close(soft.sum(1), torch.ones(32))
+        assert (soft > 0).sum(1).max() == 2 and not torch.equal(x, mixed)  # two classes blended per image
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_no_decay_on_norm_and_bias_and_everything_resumes_bit_identical(tmp_path) -> None:
+    """EMA + bf16 + clipping + mixup/cutmix + channels_last + no weight decay on norms/biases, interrupted
+    at step 5 and resumed: the weights, EMA weights and optimizer state equal an uninterrupted run's."""
+    options = dict(ema_decay=0.9, amp="bf16", grad_clip=1.0, mixup_alpha=0.2, cutmix_alpha=1.0,
+                   channels_last=True, no_decay_norm_bias=True, max_iters=8, eval_every=4)  # fmt: skip
+    reference = train(tiny_config(tmp_path / "straight", **options)).run_dir / "checkpoints" / "last.pt"
+
+    def stop_at_step_5(info) -> None:
+        if info.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_config(tmp_path / "stopped", **options), callbacks=[stop_at_step_5])
+    resumed = train(None, resume=tmp_path / "stopped" / "run").run_dir / "checkpoints" / "last.pt"
+    expected, got = load_checkpoint(reference), load_checkpoint(resumed)
+    for part in ("model", "ema"):
+        assert expected[part].keys() == got[part].keys()
+        assert all(torch.equal(expected[part][k], got[part][k]) for k in expected[part]), part
+    momentum = [s["momentum_buffer"] for s in expected["optimizer"]["state"].values()]
+    assert all(torch.equal(a["momentum_buffer"], b) for a, b in zip(got["optimizer"]["state"].values(), momentum))
+    groups = expected["optimizer"]["param_groups"]  # no_decay_norm_bias: matrices decay, norms and biases not
+    params = list(load_model(reference).parameters())
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]  # the demo recipe's weight decay, and none
+    assert [len(g["params"]) for g in groups] == [sum(p.ndim > 1 for p in params), sum(p.ndim == 1 for p in params)]
 
 
 RUNNER = """
