@@ -28,7 +28,7 @@ from resnetlab.errors import ConfigError, ResNetLabError
 from resnetlab.models import ResNet, ResNetConfig, create_model, save_pretrained
 from resnetlab.train import distributed as dist
 from resnetlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from resnetlab.train.config import TrainConfig, resume_config
+from resnetlab.train.config import CUDA_GRAPH_MODES, TrainConfig, resume_config
 from resnetlab.train.metrics import MetricsLogger, accuracy_counts, plot_curves
 from resnetlab.train.params import parameter_groups
 
@@ -110,10 +110,36 @@ def build_model(cfg: TrainConfig, bundle: DataBundle) -> ResNet:
     return model
 
 
-def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def fused_devices() -> list[str]:
+    """Device types with fused optimizer kernels in this PyTorch (CUDA, CPU, MPS, ... in 2.4+)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - older or newer PyTorch without the helper
+        return ["cuda"]
+
+
+def optimizer_kernels(impl: str, device: torch.device) -> dict[str, bool | None]:
+    """``fused``/``foreach`` arguments for ``optimizer_impl``: ``fused`` updates every parameter in one
+    kernel, ``foreach`` in a few batched ones, ``loop`` one at a time; ``auto`` is fused where the device
+    has the kernels, else PyTorch's own choice."""
+    supported = device.type in fused_devices()
+    if impl == "fused" and not supported:
+        raise ConfigError(f"optimizer_impl=fused: no fused optimizer kernels for {device.type} in this PyTorch; "
+                          "use foreach or loop")  # fmt: skip
+    if impl == "fused" or (impl == "auto" and supported):
+        return {"fused": True}
+    if impl == "foreach":
+        return {"foreach": True}
+    return {"foreach": False} if impl == "loop" else {}
+
+
+def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    kernels = optimizer_kernels(cfg.optimizer_impl, device)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **kernels)
 
 
 class TrainHooks:
@@ -384,6 +410,10 @@ def _train(
         raise ConfigError("SyncBatchNorm needs CUDA GPUs; on CPU use --set model_options={norm_layer: groupnorm}")
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
+    if cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(f"compile_mode=reduce-overhead records CUDA graphs, which need a CUDA device (this run "
+                          f"is on {device.type}); use --compile (default mode) here")  # fmt: skip
     if state is None and given_model is None and cfg.recipe == "finetune" and not cfg.pretrained:
         raise ConfigError(
             "the finetune recipe starts from pretrained weights: pass --pretrained (a weights tag such as "
@@ -417,7 +447,9 @@ def _train(
         if world > 1:
             ids = [device] if device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return torch.compile(wrapped) if cfg.compile else wrapped
+        if not cfg.compile:
+            return wrapped
+        return torch.compile(wrapped, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
     train_model, trains = wrap(raw_model), [p.requires_grad for p in raw_model.parameters()]
 
@@ -437,7 +469,7 @@ def _train(
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    optimizer = build_optimizer(cfg, hooks.parameter_groups(raw_model, cfg))
+    optimizer = build_optimizer(cfg, hooks.parameter_groups(raw_model, cfg), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch, depth)
     )
@@ -507,6 +539,8 @@ def _train(
             progress = logger.progress(epoch, epochs, steps_per_epoch, batch_in_epoch, cfg.progress and is_main)
             plan = enter_train_mode()
             for x, y in batches.epoch(epoch, batch_in_epoch):
+                if cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 targets = y
