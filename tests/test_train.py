@@ -459,10 +459,12 @@ def test_mixup_and_cutmix_mix_the_batches_train_sees(tmp_path) -> None:
     assert all(math.isfinite(v) for v in losses)
 
 
-def test_no_decay_on_norm_and_bias_and_everything_resumes_bit_identical(tmp_path) -> None:
-    """EMA + bf16 + clipping + mixup/cutmix + channels_last + no weight decay on norms/biases, interrupted
-    at step 5 and resumed: the weights, EMA weights and optimizer state equal an uninterrupted run's."""
-    options = dict(ema_decay=0.9, amp="bf16", grad_clip=1.0, mixup_alpha=0.2, cutmix_alpha=1.0,
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_no_decay_on_norm_and_bias_and_everything_resumes_bit_identical(tmp_path, amp) -> None:
+    """EMA + bf16/fp16 (with its gradient scaler) + clipping + mixup/cutmix + channels_last + no weight decay
+    on norms/biases, interrupted at step 5 and resumed: the weights, EMA weights, optimizer and scaler
+    state equal an uninterrupted run's."""
+    options = dict(ema_decay=0.9, amp=amp, grad_clip=1.0, mixup_alpha=0.2, cutmix_alpha=1.0,
                    channels_last=True, no_decay_norm_bias=True, max_iters=8, eval_every=4)  # fmt: skip
     reference = train(tiny_config(tmp_path / "straight", **options)).run_dir / "checkpoints" / "last.pt"
 
@@ -477,6 +479,9 @@ def test_no_decay_on_norm_and_bias_and_everything_resumes_bit_identical(tmp_path
     for part in ("model", "ema"):
         assert expected[part].keys() == got[part].keys()
         assert all(torch.equal(expected[part][k], got[part][k]) for k in expected[part]), part
+    assert got["scaler"] == expected["scaler"]
+    if amp == "fp16":  # the scaler's step count since its last growth survived the interruption
+        assert expected["scaler"]["_growth_tracker"] == 8
     momentum = [s["momentum_buffer"] for s in expected["optimizer"]["state"].values()]
     assert all(torch.equal(a["momentum_buffer"], b) for a, b in zip(got["optimizer"]["state"].values(), momentum))
     groups = expected["optimizer"]["param_groups"]  # no_decay_norm_bias: matrices decay, norms and biases not
