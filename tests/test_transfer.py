@@ -177,8 +177,12 @@ def test_an_interrupted_finetune_resumes_its_strategy_and_ends_identical(
     assert "resume it with resnetlab finetune --resume" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(tmp_path / "stopped"), "--mode", "linear"]) == 1
     assert "drop --mode" in capsys.readouterr().err  # the saved strategy is the one that continues
-    assert main(["finetune", "--resume", str(tmp_path / "stopped"), "--json"]) == 0
+    # what a restarted torchrun worker does: the same call, with auto_resume (the data settings the run
+    # resolved from its model are filled in from the checkpoint)
+    finetune(cfg("stopped").replace(auto_resume=True), strategy)
+    assert main(["finetune", "--resume", str(tmp_path / "stopped"), "--json"]) == 0  # finished: nothing to do
     resumed = json.loads(capsys.readouterr().out)
+    assert resumed["steps"] == 18
     assert [h["trainable"] for h in resumed["history"]] == [["head"], ["layer3", "head"], ["layer2", "layer3", "head"]]
     assert [h["trainable"] for h in resumed["history"]] == [h["trainable"] for h in reference.history]
     expected = load_checkpoint(reference.run_dir / "checkpoints" / "last.pt")["model"]

@@ -346,6 +346,14 @@ def find_checkpoint(run_dir_or_file: str | Path) -> Path:
     return path
 
 
+def auto_resume_target(cfg: TrainConfig | None) -> Path | None:
+    """``cfg.run_dir`` when ``cfg.auto_resume`` is set and it holds a checkpoint (a restarted worker)."""
+    if cfg is None or not cfg.auto_resume or not cfg.run_dir:
+        return None
+    path = Path(cfg.run_dir)
+    return path if (path / "checkpoints" / "last.pt").is_file() else None
+
+
 def saved_config(run_dir_or_checkpoint: str | Path) -> TrainConfig:
     """The config of a saved run (to change its ``RESUME_SAFE`` options before resuming it)."""
     path = find_checkpoint(run_dir_or_checkpoint)
@@ -372,9 +380,7 @@ def train(
     """
     hooks = hooks or TrainHooks()
     state: dict[str, Any] | None = None
-    if resume is None and cfg is not None and cfg.auto_resume and cfg.run_dir \
-            and (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file():  # fmt: skip
-        resume = cfg.run_dir
+    resume = resume if resume is not None else auto_resume_target(cfg)
     if resume is not None:
         checkpoint_path = find_checkpoint(resume)
         state = load_checkpoint(checkpoint_path)

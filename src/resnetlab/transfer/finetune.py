@@ -26,7 +26,7 @@ from resnetlab.models.registry import WeightsSource, resolve_name
 from resnetlab.models.weights import fetch_weights, load_weights
 from resnetlab.train import StepInfo, TrainConfig, train
 from resnetlab.train import distributed as dist
-from resnetlab.train.engine import TrainHooks
+from resnetlab.train.engine import TrainHooks, auto_resume_target, saved_config
 from resnetlab.transfer.strategy import FinetuneStrategy, apply_strategy, parameter_groups
 
 
@@ -49,6 +49,10 @@ class FinetuneResult:
                 "best_accuracy": self.best_accuracy, "final_accuracy": self.final_accuracy,
                 "test_accuracy": self.test_accuracy, "selected": self.selected,
                 "seconds": round(self.seconds, 2), **self.extra}  # fmt: skip
+
+
+#: Data settings a fine-tuning run takes from its pretrained model unless given (see ``prepare_data``).
+RESOLVED = ("image_size", "mean", "std")
 
 
 class StrategyHooks(TrainHooks):
@@ -165,7 +169,11 @@ def finetune(
     or checkpoint of a fine-tuning run to continue, with its saved strategy (``cfg``, ``strategy``: None,
     or only the changes ``train(resume=...)`` allows). ``callbacks``: called after every optimizer step.
     """
+    resume = resume if resume is not None else auto_resume_target(cfg)  # a restarted torchrun worker
     if resume is not None:
+        if cfg is not None:  # the data settings this run resolved from its model, where cfg leaves them open
+            saved = saved_config(resume)
+            cfg = cfg.replace(**{k: getattr(saved, k) for k in RESOLVED if getattr(cfg, k) is None})
         result = train(cfg, resume=resume, bundle=bundle, hooks=StrategyHooks(strategy), callbacks=callbacks)
     else:
         if cfg is None:
@@ -179,7 +187,8 @@ def finetune(
             model = load_pretrained_source(cfg.pretrained, cfg.model, in_chans=bundle.in_chans)
         attach_head(model, bundle)
         # the data as prepared for this model, recorded so that a resumed run rebuilds the same splits
-        cfg = cfg.replace(image_size=bundle.image_size, mean=list(bundle.mean), std=list(bundle.std))
+        resolved = {"image_size": bundle.image_size, "mean": list(bundle.mean), "std": list(bundle.std)}
+        cfg = cfg.replace(**{k: v for k, v in resolved.items() if getattr(cfg, k) is None})
         hooks = StrategyHooks(strategy, None if cfg.pretrained is None else str(cfg.pretrained))
         result = train(cfg, model=model, bundle=bundle, hooks=hooks, callbacks=callbacks)
     if dist.rank() == 0:
