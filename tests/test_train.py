@@ -566,8 +566,8 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path)
 def test_sigterm_from_outside_saves_that_step_and_resume_finishes(tmp_path) -> None:
     """SIGTERM sent to a training process (as a scheduler does): it saves a checkpoint of the step it was
     on (not an older periodic one), exits naming it, and the resumed run trains to the end."""
-    values = dict(model="resnet20", model_options=TINY, batch_size=32, max_iters=600, progress=False,
-                  tensorboard=False, checkpoint_every=50, eval_every=600, run_dir=str(tmp_path / "run"))  # fmt: skip
+    values = dict(model="resnet20", model_options=TINY, batch_size=32, max_iters=300, progress=False,
+                  tensorboard=False, checkpoint_every=20, eval_every=300, run_dir=str(tmp_path / "run"))  # fmt: skip
     proc = _run(values)
     last, deadline = tmp_path / "run" / "checkpoints" / "last.pt", time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -579,11 +579,11 @@ def test_sigterm_from_outside_saves_that_step_and_resume_finishes(tmp_path) -> N
                         r"--resume", stderr)  # fmt: skip
     assert stopped, stderr[-2000:]
     step = int(stopped.group(1))
-    assert load_checkpoint(last)["step"] == step and 0 < step < 600
+    assert load_checkpoint(last)["step"] == step and 0 < step < 300
     proc = _run(values, resume=str(tmp_path / "run"))
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
     state = load_checkpoint(last)
-    assert state["step"] == 600 and state["history"][-1]["step"] == 600
+    assert state["step"] == 300 and state["history"][-1]["step"] == 300
 
 
 @pytest.fixture(scope="module")
