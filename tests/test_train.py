@@ -363,6 +363,35 @@ def test_optimizer_kernels_train_the_same_run(tmp_path, optimizer) -> None:
                            torch.device("cpu")).defaults["fused"] is True  # fmt: skip
 
 
+def test_parameters_unfrozen_mid_run_get_the_same_sgd_update_with_fused_kernels() -> None:
+    """Gradual unfreezing: a parameter joins a group whose others have momentum. PyTorch's fused SGD
+    fails on such a mix (TypeError); the engine primes a zero buffer, which gives exactly the update the
+    per-parameter loop gives with its lazily created buffer."""
+    from resnetlab.train.engine import prime_momentum
+
+    def run(kernels: dict, prime: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.randn(3, 3, requires_grad=True), torch.randn(3, requires_grad=False)]
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, **kernels)
+        for step in range(3):
+            if step == 1:  # the second parameter is unfrozen
+                params[1].requires_grad_(True)
+                if prime:
+                    prime_momentum(optimizer)
+            optimizer.zero_grad()
+            sum((p**2).sum() * (step + 1) for p in params if p.requires_grad).backward()
+            optimizer.step()
+        return [p.detach() for p in params]
+
+    loop = {"foreach": False}
+    lazy, primed = run(loop, prime=False), run(loop, prime=True)
+    assert all(torch.equal(a, b) for a, b in zip(lazy, primed))  # priming changes no bit of the update
+    with pytest.raises(TypeError):  # fused SGD without it (PyTorch 2.14); if this stops failing, priming can go
+        run({"fused": True}, prime=False)
+    for fused, reference in zip(run({"fused": True}, prime=True), lazy):
+        torch.testing.assert_close(fused, reference)  # the fused kernel's own rounding only
+
+
 def test_fast_path_options_are_validated(tmp_path, capsys) -> None:
     with pytest.raises(ConfigError, match="needs compile: true"):
         tiny_config(tmp_path, compile_mode="max-autotune")

@@ -158,7 +158,8 @@ def test_an_interrupted_finetune_resumes_its_strategy_and_ends_identical(
 
     from resnetlab.train import TrainingInterrupted, load_checkpoint
 
-    strategy = FinetuneStrategy(mode="full", bn="eval", unfreeze_every=1, lr_decay=0.5)
+    # one lr for all parts: newly unfrozen parameters join a group whose others have momentum already
+    strategy = FinetuneStrategy(mode="full", bn="eval", unfreeze_every=1)
 
     def cfg(name: str):
         return load_recipe("finetune", data=str(folder), pretrained=str(source_dir), image_size=16, batch_size=8,

@@ -142,6 +142,23 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torc
     return torch.optim.AdamW(groups, lr=cfg.lr, **kernels)
 
 
+def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give SGD parameters that start training mid-run (gradual unfreezing) a zero momentum buffer when
+    the others of their group have one. With no dampening their first update is then exactly PyTorch's
+    (a lazily created buffer starts as the gradient, ``0 * momentum + grad`` is the gradient), and fused
+    SGD, which handles a group's buffers all at once, needs them all present or all absent."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if not group["momentum"] or group["dampening"]:
+            continue
+        state = optimizer.state  # a defaultdict: read with .get, so no empty entries appear
+        if any(state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]):
+            for p in group["params"]:
+                if p.requires_grad and state.get(p, {}).get("momentum_buffer") is None:
+                    state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+
 class TrainHooks:
     """What trains, and at which learning rate, as a run goes: the engine's one extension point.
 
@@ -463,8 +480,10 @@ def _train(
         nonlocal train_model, trains
         info = hooks.train_mode(raw_model, epoch)
         now = [p.requires_grad for p in raw_model.parameters()]
-        if now != trains and world > 1:
-            train_model = wrap(raw_model)
+        if now != trains:
+            prime_momentum(optimizer)
+            if world > 1:
+                train_model = wrap(raw_model)
         trains = now
         return info
 
