@@ -67,7 +67,7 @@ AKAMASTER_FILES = {
 CIFAR_PAPER_PARAMS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6, 1202: 19.4e6}
 
 
-def _torchvision_weights(name: str, enum: str) -> dict[str, WeightsSource]:
+def _torchvision_weights(enum: str) -> dict[str, WeightsSource]:
     return {"tv_in1k": WeightsSource("torchvision", enum, "torchvision", description=f"torchvision {enum}")}
 
 
@@ -84,7 +84,7 @@ def _build_table() -> dict[str, ModelEntry]:
         table[name] = ModelEntry(
             base, f"ResNet-{depth} (He et al. 2015), stride in the 3x3 (v1.5, torchvision)",
             TORCHVISION_PARAMS[name], "torchvision",
-            _torchvision_weights(name, f"ResNet{depth}_Weights.IMAGENET1K_{weights_enum[depth]}"), name,
+            _torchvision_weights(f"ResNet{depth}_Weights.IMAGENET1K_{weights_enum[depth]}"), name,
         )  # fmt: skip
         table[f"resnet{depth}d"] = ModelEntry(
             dict(base, stem="deep", avg_down=True),
@@ -97,9 +97,6 @@ def _build_table() -> dict[str, ModelEntry]:
             dict(base, preact=True),
             f"Pre-activation ResNet-{depth} (He et al. 2016, identity mappings); timm's resnetv2_{depth}",
             timm_name=f"resnetv2_{depth}",
-        )
-        table[f"plain{depth}"] = ModelEntry(
-            dict(base, shortcut="none"), f"Plain-{depth}: ResNet-{depth} without shortcuts (degradation study)"
         )
     table["resnet50c"] = ModelEntry(
         dict(table["resnet50"].config, stem="deep"), "ResNet-50-C (Bag of Tricks): deep 3x3 stem",
@@ -123,7 +120,7 @@ def _build_table() -> dict[str, ModelEntry]:
         table[name] = ModelEntry(
             dict(IMAGENET, **BOTTLENECK, layers=layers, groups=groups, width_per_group=width),
             f"{kind}, ImageNet layout as in torchvision", TORCHVISION_PARAMS[name], "torchvision",
-            _torchvision_weights(name, enum), name,
+            _torchvision_weights(enum), name,
         )  # fmt: skip
 
     # The paper's CIFAR-10 nets: 6n+2 layers, widths 16/32/64, option-A shortcuts (8 and 14: small members
@@ -144,9 +141,6 @@ def _build_table() -> dict[str, ModelEntry]:
             base, f"CIFAR ResNet-{depth} (He et al. 2015, Sec. 4.2): 3 stages of {n} basic blocks, option A",
             params, "He et al. 2015, Table 6" if params else "", weights,
         )  # fmt: skip
-        table[f"plain{depth}"] = ModelEntry(
-            dict(base, shortcut="none"), f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts"
-        )
     # He et al. 2016 (identity mappings), Table 3/4: pre-activation CIFAR nets, projection shortcuts.
     for depth, block, params in ((110, BASIC, 1.7e6), (164, BOTTLENECK, 1.7e6), (1001, BOTTLENECK, 10.2e6)):
         n = (depth - 2) // (9 if block is BOTTLENECK else 6)
@@ -169,7 +163,17 @@ def _build_table() -> dict[str, ModelEntry]:
                  groups=cardinality, width_per_group=64),
             f"CIFAR ResNeXt-29, {cardinality}x64d (Xie et al. 2017)", params, "Xie et al. 2017, Table 7",
         )  # fmt: skip
+    # Every net has a plain twin: the same layers without shortcuts (the degradation experiment).
+    for name, entry in list(table.items()):
+        table[plain_twin_name(name)] = ModelEntry(
+            dict(entry.config, shortcut="none"), f"{name} without shortcuts: its plain twin (degradation study)"
+        )
     return table
+
+
+def plain_twin_name(name: str) -> str:
+    """``resnet56`` -> ``plain56``, ``preact_resnet164`` -> ``preact_plain164``, ``wrn28_10`` -> ``plain_wrn28_10``."""
+    return name.replace("resnet", "plain") if "resnet" in name else f"plain_{name}"
 
 
 MODELS: dict[str, ModelEntry] = _build_table()
