@@ -89,6 +89,96 @@ def test_imagenet_and_eval_transforms_on_pil_and_tensors():
         eval_transform(64, crop_pct=1.5)
 
 
+def test_ten_crop_takes_distinct_crops_and_mirrors_only_flipped_data():
+    image = torch.randint(0, 256, (1, 16, 16), dtype=torch.uint8)
+    single = eval_transform(16, (0.5,), (0.25,), crop_pct=1.0, source_size=16)(image)
+    crops = eval_transform(16, (0.5,), (0.25,), crop_pct=1.0, ten_crop=True, source_size=16)(image)
+    assert crops.shape == (10, 1, 16, 16)
+    assert torch.equal(crops[4], single)  # the center crop is the single-crop view
+    assert len({c.numpy().tobytes() for c in crops[:5]}) == 5  # four corners of the padded image + center
+    mirrored = {c.flip(-1).numpy().tobytes() for c in crops[:5]}
+    assert {c.numpy().tobytes() for c in crops[5:]} == mirrored  # and their mirror images
+    unflipped = eval_transform(16, (0.5,), (0.25,), crop_pct=1.0, ten_crop=True, hflip=False, source_size=16)
+    assert torch.equal(unflipped(image), crops[:5])
+    assert build_data(augment="none", ten_crop=True).test[0][0].shape == (5, 1, 16, 16)  # digits: no flips
+
+
+def _zip(path, members: dict[str, bytes | None]):
+    """A zip archive; ``None`` members are (empty) folders."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            if data is None:
+                archive.writestr(zipfile.ZipInfo(name.rstrip("/") + "/"), b"")
+            else:
+                archive.writestr(name, data)
+    return path
+
+
+def _tar(path, members: dict[str, bytes | None]):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _png(value: int = 100, size: int = 8) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (value, value, value)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("pack", [_zip, _tar], ids=["zip", "tar.gz"])
+def test_class_folders_without_images_are_errors_in_archives_too(tmp_path, pack):
+    suffix = ".zip" if pack is _zip else ".tar.gz"
+    empty = pack(tmp_path / f"empty{suffix}", {"pets/train/cat/0.png": _png(), "pets/train/dog/": None})
+    with pytest.raises(DataError, match=r"class folder pets/train/dog in .*empty.* has no images"):
+        build_data(empty)
+    texts = pack(tmp_path / f"texts{suffix}", {"train/cat/0.png": _png(), "train/dog/notes.txt": b"hi",
+                                               "train/dog/list.csv": b"a,b"})  # fmt: skip
+    with pytest.raises(DataError, match=r"class folder train/dog .*only 2 other file\(s\) \(list.csv, notes.txt\)"):
+        build_data(texts)
+
+
+def test_class_folder_of_only_other_files_and_an_empty_root_are_clear_errors(tmp_path):
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "cat" / "0.png")
+    (tmp_path / "data" / "dog" / "readme.md").write_text("no pictures here")
+    with pytest.raises(DataError, match=r"class folder dog in .* has no images, only 1 other file\(s\) \(readme.md\)"):
+        build_data(tmp_path / "data")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match=r"no images found in .*nothing: expected"):
+        build_data(tmp_path / "nothing")
+
+
+def test_an_unreadable_first_image_is_skipped_not_fatal(tmp_path):
+    for label in ("ant", "bee"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "train" / label / f"{i}.png").write_bytes(_png(60 * i + 10))
+    (tmp_path / "train" / "ant" / "0.png").write_bytes(b"not a png")  # the alphabetically first image
+    with pytest.warns(UserWarning, match=r"skipped 1 files: .*ant/0\.png"):
+        bundle = build_data(tmp_path)
+    assert len(bundle.train) == 5 and bundle.image_size == 8
+    for name in ("ant/1.png", "ant/2.png", "bee/0.png", "bee/1.png", "bee/2.png"):
+        (tmp_path / "train" / name).write_bytes(b"broken too")
+    with pytest.raises(DataError, match=r"none of the images in .* could be read"):
+        build_data(tmp_path, cache=False)
+
+
 def test_mixup_cutmix_on_a_batch():
     images, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
     mix = mixup_cutmix(4)

@@ -20,7 +20,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "lr": (float, "peak learning rate"),
     "weight_decay": (float, "weight decay"),
     "image_size": (int, "input side in pixels"),
-    "val_split": (float, "hold out this fraction (or count) of train for validation"),
+    "val_split": (float, "hold out this fraction (or count) of train to choose the model on (0: the final model)"),
     "device": (str, "auto, cpu, cuda, cuda:N"),
     "amp": (str, "auto, bf16, fp16 or off"),
     "num_workers": (int, "DataLoader workers for datasets decoded per image"),
@@ -38,9 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a model of the family. With no arguments: the embedded demo (ResNet-20 on "
         f"scikit-learn's digits). Recipes: {', '.join(recipe_names())}, or a YAML file.",
     )  # fmt: skip
-    p.add_argument("--recipe", default="demo", help="named recipe or YAML file (default: demo)")
+    p.add_argument("--recipe", help="named recipe or YAML file (default: demo)")
     for name, (kind, text) in FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    p.add_argument("--download", action="store_true", default=None,
+                   help="fetch --data cifar10/cifar100 with torchvision when it is not cached (needs internet)")
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
@@ -53,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="any other recipe option, e.g. --set milestones=[30,60] --set model_options={shortcut: B}",
     )
-    p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="continue an interrupted run with its saved config; only how it runs may change "
+                   "(--device, --num-workers, --no-progress, --set eval_every=..., ...)")
     p.add_argument(
         "--auto-resume",
         dest="auto_resume",
@@ -62,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continue from --run-dir's last checkpoint when there is one (for torchrun --max-restarts)",
     )
     add_json_flag(p)
-    p.set_defaults(func=train)
+    p.set_defaults(func=train_command)
 
     p = sub.add_parser("eval", help="evaluate a trained model on a dataset",
                        description="Top-1/top-5, per-class accuracy and a confusion-matrix PNG.")  # fmt: skip
@@ -72,14 +76,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", help="weights tag when MODEL is a name (e.g. cifar10_akamaster)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
-    p.add_argument("--ten-crop", action="store_true", help="average the paper's 10 crops")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for images decoded per item")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="average the paper's 10 crops (corners + center, and their mirrors; 5 when not flipped)")
     p.add_argument("--out", help="folder for confusion.png and per_class.csv (default: next to the model)")
     add_json_flag(p)
-    p.set_defaults(func=evaluate)
+    p.set_defaults(func=eval_command)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = [*FLAGS, "channels_last", "compile", "deterministic", "sync_bn", "progress", "auto_resume"]
+    names = [*FLAGS, "download", "channels_last", "compile", "deterministic", "sync_bn", "progress", "auto_resume"]
     values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     values.update(parse_set_option(text) for text in args.set)
     if args.json:
@@ -87,34 +93,42 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def train(args: argparse.Namespace) -> int:
-    """Train per the recipe and overrides; print where the outputs are."""
-    from resnetlab.train.engine import train as run_training
+def train_command(args: argparse.Namespace) -> int:
+    """Train per the recipe and overrides (or continue a run); print where the outputs are."""
+    from resnetlab.errors import ConfigError
+    from resnetlab.train.engine import saved_config, train
 
     if args.resume:
-        result = run_training(load_recipe("demo"), resume=args.resume)
+        if args.recipe:
+            raise ConfigError("--resume continues a run with its saved recipe; drop --recipe")
+        result = train(saved_config(args.resume).replace(**_overrides(args)), resume=args.resume)
     else:
-        result = run_training(load_recipe(args.recipe, **_overrides(args)))
+        result = train(load_recipe(args.recipe or "demo", **_overrides(args)))
     if args.json:
         print_json(result.summary())
-    else:
-        split = "test" if result.test_accuracy is None else "val"
-        print(f"best {split} top-1 {result.best_accuracy:.2f}%, final {result.final_accuracy:.2f}% after "
-              f"{result.steps} steps in {result.seconds:.1f} s")  # fmt: skip
+        return 0
+    if result.selected == "best-val":
+        print(f"best val top-1 {result.best_accuracy:.2f}% (the exported model), final {result.final_accuracy:.2f}%, "
+              f"after {result.steps} steps in {result.seconds:.1f} s")  # fmt: skip
         if result.test_accuracy is not None:
             print(f"the model selected on val, on the test set: top-1 {result.test_accuracy:.2f}%")
-        print(f"run folder: {result.run_dir}  (metrics.csv, curves.png, tensorboard/, checkpoints/)")
-        print(f"model:      {result.model_dir}  (use with resnetlab eval / predict / export)")
+    else:
+        print(f"final model: {'test' if result.test_accuracy is not None else 'eval'} top-1 "
+              f"{result.final_accuracy:.2f}% after {result.steps} steps in {result.seconds:.1f} s (peak during "
+              f"training {result.best_accuracy:.2f}%, not used to choose the model)")  # fmt: skip
+    print(f"run folder: {result.run_dir}  (metrics.csv, curves.png, tensorboard/, checkpoints/)")
+    print(f"model:      {result.model_dir}  (use with resnetlab eval / predict / export)")
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def eval_command(args: argparse.Namespace) -> int:
     """Evaluate a trained model; write the confusion matrix and per-class accuracy."""
     from resnetlab.train.evaluation import evaluate_model
 
     report = evaluate_model(
         args.model, data=args.data, split=args.split, pretrained=args.pretrained, batch_size=args.batch_size,
-        device=args.device, ten_crop=args.ten_crop, out_dir=Path(args.out) if args.out else None,
+        device=args.device, ten_crop=args.ten_crop, num_workers=args.num_workers,
+        out_dir=Path(args.out) if args.out else None,
     )  # fmt: skip
     if args.json:
         print_json(report)

@@ -13,8 +13,6 @@ import torch
 
 from resnetlab.data.cache import cache_file_for, decode_all, load_cache, save_cache
 from resnetlab.data.cifar import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
     CifarLayout,
@@ -28,14 +26,13 @@ from resnetlab.data.folders import FolderIndex, drop_unreadable, index_image_fol
 from resnetlab.data.images import probe_image
 from resnetlab.data.stores import ARCHIVE_SUFFIXES, FileStore, open_store
 from resnetlab.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     cifar_train_transform,
     eval_transform,
     imagenet_train_transform,
     mixup_cutmix,
 )
 from resnetlab.errors import ConfigError, DataError
+from resnetlab.models.config import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from resnetlab.paths import cache_dir
 
 #: Images at most this many pixels on a side are "small": decoded once into a uint8 cache, CIFAR recipe.
@@ -143,7 +140,8 @@ def build_data(
     auto_augment: "trivialaugment" | "autoaugment" | "randaugment" | "augmix" on the train split.
     random_erasing: probability of RandomErasing on the train split.
     crop_pct, ten_crop: eval resize = image_size / crop_pct (default 1 for small images, 0.875 for photos)
-        then center crop, or ten crops stacked as ``(10, C, H, W)``.
+        then center crop, or the paper's ten crops stacked as ``(10, C, H, W)`` (five when the data is
+        not flipped in training, as digits; see ``eval_transform``).
     cache: decode into a uint8 tensor cache (default: when images are <= 64 px); False decodes per item.
     follow_symlinks: follow symlinks leading out of an ImageFolder directory.
     check_images: for per-item decoding, probe every header at index time and skip unreadable files.
@@ -162,7 +160,7 @@ def build_data(
         recipe = "cifar" if size <= SMALL_IMAGE_MAX else "imagenet"
     # every image of a tensor dataset has the native size, so resizing to it can be left out
     native = loaded.native_size if all(isinstance(d, TensorImageDataset) for d in loaded.splits.values()) else None
-    eval_tf = eval_transform(size, mean, std, ten_crop=ten_crop, source_size=native,
+    eval_tf = eval_transform(size, mean, std, ten_crop=ten_crop, hflip=loaded.hflip, source_size=native,
                              crop_pct=crop_pct or (1.0 if size <= SMALL_IMAGE_MAX else 0.875))  # fmt: skip
     if recipe == "none":
         train_tf = eval_transform(size, mean, std, crop_pct=crop_pct or 1.0, source_size=native)
@@ -247,9 +245,7 @@ def _load_source(source: str | os.PathLike | None, *, image_size: int | None, do
     if layout is not None:
         return _load_cifar(store, layout)
     index = index_image_folder(store.names, where=str(path), empty_dirs=getattr(store, "empty_dirs", ()))
-    first_name = next(name for samples in index.splits.values() for name, _ in samples[:1])
-    with store.open(first_name) as stream:
-        first_side = max(probe_image(stream, name=store.describe(first_name)))
+    first_side = _first_readable_side(store, index, where=str(path))
     small = first_side <= SMALL_IMAGE_MAX
     if cache or (cache is None and small):
         cache_file = cache_file_for(path, tag=tag)
@@ -264,6 +260,20 @@ def _load_source(source: str | os.PathLike | None, *, image_size: int | None, do
     splits = {s: LazyImageDataset(store, samples, index.classes, mode=mode) for s, samples in index.splits.items()}
     return _Loaded(_dataset_name(path), dict(splits), index.classes, len(mode),
                    native_size=first_side if small else None, skipped=index.skipped)  # fmt: skip
+
+
+def _first_readable_side(store: FileStore, index: FolderIndex, *, where: str) -> int:
+    """The longer side of the first image whose header decodes (it decides the small-image path); an
+    unreadable file is skipped here and reported with the others later."""
+    errors: list[str] = []
+    for samples in index.splits.values():
+        for name, _ in samples:
+            try:
+                with store.open(name) as stream:
+                    return max(probe_image(stream, name=store.describe(name)))
+            except DataError as err:
+                errors.append(str(err))
+    raise DataError(f"none of the images in {where} could be read: {'; '.join(errors[:3])}")
 
 
 def _dataset_name(path: Path) -> str:

@@ -29,8 +29,6 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.numeric import _frombuffer
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
@@ -158,8 +156,8 @@ def locate_or_download_cifar(name: str, root: Path, *, download: bool) -> FileSt
     if not tarball.is_file():
         if not download:
             raise DataError(
-                f"{name} is not in {root}; pass download=True (needs internet), or pass the path of "
-                f"{tarball.name} or of its extracted folder (get it from {url})"
+                f"{name} is not in {root}; add --download to fetch it (download=True in Python; needs internet), "
+                f"or pass the path of {tarball.name} or of its extracted folder (get it from {url})"
             )
         from torchvision.datasets.utils import download_url
 

@@ -18,6 +18,16 @@ from resnetlab.data.datasets import TensorImageDataset
 from resnetlab.errors import ConfigError
 
 
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The indices of ``n`` samples that ``rank`` walks in ``epoch``: a permutation seeded by ``seed + epoch``
+    (or ``0..n-1``), padded to a multiple of ``world_size`` and sharded as ``DistributedSampler`` does, so
+    the ranks' batches together hold the images of one process's global batch."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
+    if world_size > 1:
+        order = torch.cat([order, order[: (-n) % world_size]])[rank::world_size]
+    return order
+
+
 class DeviceBatches:
     """Iterate ``(images, labels)`` batches of a ``TensorImageDataset`` held on ``device``.
 
@@ -67,14 +77,8 @@ class DeviceBatches:
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
-        n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(n)
-        if self.world_size > 1:  # pad to a multiple of world_size, as DistributedSampler does
-            order = torch.cat([order, order[: (-n) % self.world_size]])[self.rank :: self.world_size]
-        return order
+        return epoch_order(len(self.labels), shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                           rank=self.rank, world_size=self.world_size)  # fmt: skip
 
     def __len__(self) -> int:
         n = len(self._indices())

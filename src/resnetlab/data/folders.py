@@ -49,8 +49,9 @@ def index_image_folder(
 ) -> FolderIndex:
     """Index relative POSIX file names into splits and classes (see the module docstring).
 
-    ``empty_dirs`` are folders with nothing in them; one at the class level is an error, as in
-    torchvision's ImageFolder (silently dropping it would shift the class indices between splits)."""
+    A class folder without images is an error, as in torchvision's ImageFolder (silently dropping it
+    would shift the class indices between splits): an empty one (``empty_dirs``: folders with nothing
+    in them) or one holding only files that are not images."""
     paths = [tuple(n.split("/")) for n in names]
     paths = [p for p in paths if not _is_hidden(p)]
     images = [p for p in paths if p[-1].lower().endswith(extensions)]
@@ -63,13 +64,14 @@ def index_image_folder(
         wrapper += (images[0][len(wrapper)],)
     depth = len(wrapper)
     has_splits = any(len(p) > depth + 2 and p[depth].lower() in SPLIT_ALIASES for p in images)
-    for empty in (tuple(e.split("/")) for e in empty_dirs):
+    for empty in (tuple(e.split("/")) for e in empty_dirs if e not in ("", ".")):
         rest = empty[depth:] if empty[:depth] == wrapper else ()
         at_class_level = (len(rest) == 2 and rest[0].lower() in SPLIT_ALIASES) if has_splits else len(rest) == 1
-        if at_class_level:
+        if at_class_level and not _is_hidden(empty):
             raise DataError(f"class folder {'/'.join(empty)} in {where} has no images: add images or remove it")
     by_split: dict[str, list[tuple[str, str]]] = {}
     skipped: list[str] = []
+    without_images: dict[tuple[str, str], list[str]] = {}  # (split, class) -> its non-image files
     for parts in sorted(paths):
         name = "/".join(parts)
         rest = parts[depth:] if parts[:depth] == wrapper else ()
@@ -82,6 +84,7 @@ def index_image_folder(
             skipped.append(f"{name} (outside the <split>/<class>/ layout)")
         elif not name.lower().endswith(extensions):
             skipped.append(f"{name} (not an image extension)")
+            without_images.setdefault((split, rest[0]), []).append(name)
         else:
             by_split.setdefault(split, []).append((name, rest[0]))
     classes = sorted({cls for samples in by_split.values() for _, cls in samples})
@@ -90,6 +93,14 @@ def index_image_folder(
             f"no images found in {where}: expected [train|val|test/]<class>/<image> with an extension "
             f"in {', '.join(extensions)}"
         )
+    with_images = {(split, cls) for split, samples in by_split.items() for _, cls in samples}
+    for (split, cls), files in sorted(without_images.items()):
+        if (split, cls) not in with_images:
+            folder = "/".join(files[0].split("/")[: depth + (2 if has_splits else 1)])
+            raise DataError(
+                f"class folder {folder} in {where} has no images, only {len(files)} other file(s) "
+                f"({', '.join(f.rsplit('/', 1)[-1] for f in files[:5])}): add images or remove it"
+            )
     class_index = {c: i for i, c in enumerate(classes)}
     splits = {s: [(n, class_index[c]) for n, c in samples] for s, samples in by_split.items()}
     return FolderIndex(classes, splits, skipped)

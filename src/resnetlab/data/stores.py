@@ -64,6 +64,12 @@ def safe_member_name(name: str, archive: Path) -> str:
     return "/".join(parts)
 
 
+def _empty_dirs(dirs: set[str], names: list[str]) -> list[str]:
+    """The folders (archive directory entries) with no file anywhere under them."""
+    occupied = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+    return sorted(d for d in dirs if d not in occupied)
+
+
 def _warn_ignored(what: str, where: Path, names: list[str]) -> None:
     if names:
         shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
@@ -151,15 +157,19 @@ class ZipStore(_ArchiveStore):
         super().__init__(path)
         self._infos: dict[str, zipfile.ZipInfo] = {}
         links: list[str] = []
+        dirs: set[str] = set()
         for info in self._zip().infolist():
             name = safe_member_name(info.filename, path)
             if info.is_dir() or not name:
+                if name:
+                    dirs.add(name)
                 continue
             if stat.S_ISLNK(info.external_attr >> 16):
                 links.append(name)
                 continue
             self._infos[name] = info
         self.names = list(self._infos)
+        self.empty_dirs = _empty_dirs(dirs, self.names)  # an empty class is an error, as for folders
         _warn_ignored("symlink members (never followed)", path, links)
 
     def _zip(self) -> zipfile.ZipFile:
@@ -190,11 +200,14 @@ class TarStore(_ArchiveStore):
         self._members: dict[str, tarfile.TarInfo] = {}
         self._contents: dict[str, bytes] = {}
         links: list[str] = []
+        dirs: set[str] = set()
         try:
             with tarfile.open(path) as archive:
                 for member in archive:
                     name = safe_member_name(member.name, path)
                     if member.isdir() or not name:
+                        if name:
+                            dirs.add(name)
                         continue
                     if not member.isfile() or member.issparse():
                         links.append(name)
@@ -206,6 +219,7 @@ class TarStore(_ArchiveStore):
         except (OSError, tarfile.TarError, EOFError, ValueError) as err:
             raise DataError(f"cannot read tar archive {path}: {err}") from err
         self.names = list(self._members)
+        self.empty_dirs = _empty_dirs(dirs, self.names)  # an empty class is an error, as for folders
         _warn_ignored("link or special members (never followed)", path, links)
 
     def open(self, name: str) -> BinaryIO:

@@ -11,9 +11,8 @@ import torch
 from torchvision.transforms import v2
 
 from resnetlab.errors import ConfigError
+from resnetlab.models.config import IMAGENET_MEAN, IMAGENET_STD  # one definition, shared with the models
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ``auto_augment=`` names (and aliases) -> policy.
 AUTO_AUGMENT_NAMES = {
     "trivialaugment": "trivialaugment", "ta": "trivialaugment", "trivial": "trivialaugment",
@@ -91,7 +90,7 @@ def imagenet_train_transform(
 
 
 class StackCrops(torch.nn.Module):
-    """Turn the tuple of crops from ``TenCrop`` into one ``(n_crops, C, H, W)`` tensor."""
+    """Turn the tuple of crops from ``TenCrop``/``FiveCrop`` into one ``(n_crops, C, H, W)`` tensor."""
 
     def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack([c.as_subclass(torch.Tensor) for c in crops])
@@ -104,17 +103,29 @@ def eval_transform(
     *,
     crop_pct: float = 0.875,
     ten_crop: bool = False,
+    hflip: bool = True,
     source_size: int | None = None,
 ) -> v2.Compose:
-    """Resize the shorter side to ``image_size / crop_pct``, then a center crop (or ten crops, stacked
-    as ``(10, C, H, W)``). Both are left out when ``crop_pct=1`` and ``source_size == image_size``."""
+    """Resize the shorter side to ``image_size / crop_pct``, then a center crop; both are left out when
+    ``crop_pct=1`` and ``source_size == image_size``.
+
+    ``ten_crop``: the paper's multi-crop test instead, stacked as ``(n_crops, C, H, W)``: the four corner
+    crops and the center crop, plus their mirror images when the data trains with flips (``hflip``; digits
+    do not, so they get the 5 unmirrored crops). Corner crops need a margin: with ``crop_pct < 1`` it is
+    the resize margin; with ``crop_pct=1`` (small images) the image is zero-padded by ``image_size // 8``,
+    the padding of the CIFAR training recipe, so the corners are its most shifted training crops.
+    """
     if not 0 < crop_pct <= 1:
         raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
     steps: list[v2.Transform] = [v2.ToImage()]
+    if crop_pct != 1 or source_size != image_size:
+        steps.append(v2.Resize(round(image_size / crop_pct)))
     if ten_crop:
-        steps += [v2.Resize(round(image_size / crop_pct)), v2.TenCrop(image_size)]
+        if crop_pct == 1:
+            steps += [v2.CenterCrop(image_size), v2.Pad(image_size // 8)]
+        steps.append(v2.TenCrop(image_size) if hflip else v2.FiveCrop(image_size))
     elif crop_pct != 1 or source_size != image_size:
-        steps += [v2.Resize(round(image_size / crop_pct)), v2.CenterCrop(image_size)]
+        steps.append(v2.CenterCrop(image_size))
     steps += _to_normalized(mean, std)
     return v2.Compose(steps + ([StackCrops()] if ten_crop else []))
 

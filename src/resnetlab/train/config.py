@@ -130,6 +130,35 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     return value
 
 
+#: Options a resumed run may change: how it runs and what it reports, not what it computes.
+RESUME_SAFE = frozenset({
+    "device", "num_workers", "progress", "tensorboard", "eval_every", "checkpoint_every", "auto_resume",
+    "compile", "channels_last",
+})  # fmt: skip
+
+
+def resume_config(saved: dict[str, Any], requested: TrainConfig | None, run_dir: Path) -> TrainConfig:
+    """The config a resumed run continues with: the checkpoint's, with the changes ``requested`` makes to
+    ``RESUME_SAFE`` options applied. Any other change is a ConfigError naming it: a resumed run is the run
+    that was saved, and silently ignoring (or applying) a new lr or schedule would be a different run."""
+    base = TrainConfig(recipe=str(saved.get("recipe", "demo"))).replace(**saved)
+    base.run_dir = str(run_dir)
+    if requested is None:
+        return base
+    changed = {f.name: getattr(requested, f.name) for f in dataclasses.fields(TrainConfig)
+               if getattr(requested, f.name) != getattr(base, f.name)}  # fmt: skip
+    if changed.get("run_dir") is None or Path(changed["run_dir"]).resolve() == run_dir.resolve():
+        changed.pop("run_dir", None)  # the run continues in its folder, wherever that is now
+    unsafe = sorted(set(changed) - RESUME_SAFE)
+    if unsafe:
+        listed = ", ".join(f"{k}: {getattr(base, k)!r} -> {changed[k]!r}" for k in unsafe)
+        raise ConfigError(
+            f"resuming {run_dir} continues the saved run, but these options differ from it: {listed}. Drop "
+            f"them, or start a new run. Only {', '.join(sorted(RESUME_SAFE))} may change on resume"
+        )
+    return base.replace(**changed)
+
+
 def recipe_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("resnetlab.recipes").iterdir()
                   if p.name.endswith(".yaml"))  # fmt: skip

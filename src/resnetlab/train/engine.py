@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from resnetlab.data import DataBundle, TensorImageDataset, build_data
-from resnetlab.data.device import DeviceBatches
+from resnetlab.data.device import DeviceBatches, epoch_order
 from resnetlab.errors import ConfigError, ResNetLabError
-from resnetlab.models import ResNet, create_model, save_pretrained
+from resnetlab.models import ResNet, ResNetConfig, create_model, save_pretrained
 from resnetlab.train import distributed as dist
 from resnetlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from resnetlab.train.config import TrainConfig
+from resnetlab.train.config import TrainConfig, resume_config
 from resnetlab.train.metrics import MetricsLogger, accuracy_counts, plot_curves
 
 
@@ -54,6 +54,10 @@ class StepInfo:
 
 @dataclass
 class TrainResult:
+    """What a run did. ``best_accuracy``: the peak eval top-1 (on val when there is a val split, else on
+    test, where it is only a curve: the exported model is then the final one); ``final_accuracy``: the last
+    eval; ``test_accuracy``: the exported model on the test set."""
+
     run_dir: Path
     model: nn.Module
     steps: int
@@ -64,14 +68,15 @@ class TrainResult:
     model_dir: Path
     seconds: float
     images_per_second: float
-    test_accuracy: float | None = None  # the selected model on the test set, when selection used a val split
+    test_accuracy: float | None = None  # the exported model (``selected``) on the test set, when there is one
+    selected: str = "final"  # which weights model_dir holds: "best-val" (chosen on the val split) or "final"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "steps": self.steps,
             "epochs": self.epochs, "best_accuracy": self.best_accuracy, "final_accuracy": self.final_accuracy,
-            "test_accuracy": self.test_accuracy, "seconds": round(self.seconds, 2),
+            "test_accuracy": self.test_accuracy, "selected": self.selected, "seconds": round(self.seconds, 2),
             "images_per_second": round(self.images_per_second, 1),
         }  # fmt: skip
 
@@ -145,11 +150,8 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = 0, 0
 
     def indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        if self.world_size > 1:
-            order = torch.cat([order, order[: (-self.n) % self.world_size]])[self.rank :: self.world_size]
-        return order.tolist()
+        return epoch_order(self.n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                           world_size=self.world_size).tolist()  # fmt: skip
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :])
@@ -203,6 +205,12 @@ class TrainBatches:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+def workers_for(dataset: Any, num_workers: int) -> int:
+    """DataLoader workers for evaluating ``dataset``: none for in-memory sets (starting workers costs more
+    than their transforms), ``num_workers`` for images decoded per item."""
+    return 0 if isinstance(dataset, TensorImageDataset) else num_workers
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -286,8 +294,14 @@ def find_checkpoint(run_dir_or_file: str | Path) -> Path:
     return path
 
 
+def saved_config(run_dir_or_checkpoint: str | Path) -> TrainConfig:
+    """The config of a saved run (to change its ``RESUME_SAFE`` options before resuming it)."""
+    path = find_checkpoint(run_dir_or_checkpoint)
+    return resume_config(load_checkpoint(path)["config"], None, path.parent.parent)
+
+
 def train(
-    cfg: TrainConfig,
+    cfg: TrainConfig | None,
     *,
     resume: str | Path | None = None,
     callbacks: list[Callable[[StepInfo], None]] | None = None,
@@ -295,17 +309,21 @@ def train(
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; see ``TrainConfig`` for every option.
 
-    ``resume``: a run folder or checkpoint to continue (its saved config is used). ``callbacks`` are
-    called after every optimizer step. ``bundle`` skips ``build_data`` (tests and studies).
+    ``resume``: a run folder or checkpoint to continue. The run goes on with its saved config; ``cfg``
+    (None: the saved one as is) may change only the ``RESUME_SAFE`` options (device, workers, progress,
+    ...), any other difference is a ConfigError. ``callbacks`` are called after every optimizer step.
+    ``bundle`` skips ``build_data`` (tests and studies).
     """
     state: dict[str, Any] | None = None
-    if resume is None and cfg.auto_resume and cfg.run_dir and (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file():
+    if resume is None and cfg is not None and cfg.auto_resume and cfg.run_dir \
+            and (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file():  # fmt: skip
         resume = cfg.run_dir
     if resume is not None:
         checkpoint_path = find_checkpoint(resume)
         state = load_checkpoint(checkpoint_path)
-        cfg = TrainConfig(**state["config"])
-        cfg.run_dir = str(checkpoint_path.parent.parent)
+        cfg = resume_config(state["config"], cfg, checkpoint_path.parent.parent)
+    elif cfg is None:
+        raise ConfigError("train() needs a TrainConfig, or resume= naming a run to continue")
     dist.setup()
     try:
         return _train(cfg, state, callbacks or [], bundle)
@@ -332,14 +350,24 @@ def _train(
         raise ConfigError("SyncBatchNorm needs CUDA GPUs; on CPU use --set model_options={norm_layer: groupnorm}")
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if state is None and cfg.recipe == "finetune" and not cfg.pretrained:
+        raise ConfigError(
+            "the finetune recipe starts from pretrained weights: pass --pretrained (a weights tag such as "
+            "tv_in1k, a weights file or a model folder), or use `resnetlab finetune --from SOURCE` (which also "
+            "takes 'none' for the from-scratch baseline)"
+        )
 
     bundle = bundle or build_data(
         cfg.data, augment=cfg.augment, image_size=cfg.image_size, val_split=cfg.val_split, seed=cfg.seed,
         download=cfg.download, mean=cfg.mean, std=cfg.std, auto_augment=cfg.auto_augment,
         random_erasing=cfg.random_erasing,
     )  # fmt: skip
-    eval_set = bundle.val if bundle.val is not None else bundle.test
-    model = build_model(cfg, bundle)
+    has_val = bundle.val is not None
+    eval_set = bundle.val if has_val else bundle.test
+    if state is not None:  # the saved architecture; its weights come from the checkpoint, not cfg.pretrained
+        model = ResNet(ResNetConfig.from_dict(state["model_config"]), name=state["architecture"])
+    else:
+        model = build_model(cfg, bundle)
     depth = model.config.depth
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -374,10 +402,12 @@ def _train(
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir(cfg)
     cfg.run_dir = str(run_dir)
+    last_path = run_dir / "checkpoints" / "last.pt"
     if is_main:  # temporary files of checkpoint writes that a killed run left behind
         for stale in (run_dir / "checkpoints").glob(".*.tmp-*"):
             stale.unlink(missing_ok=True)
     step, epoch, batch_in_epoch, best, history = 0, 0, 0, -1.0, []
+    seconds_before, images_before = 0.0, 0  # of the sessions before a resume
     if state is not None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -387,10 +417,13 @@ def _train(
             ema.load_state_dict(state["ema"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         best, history = state["best"], list(state["history"])
+        seconds_before, images_before = float(state.get("seconds", 0.0)), int(state.get("images_seen", 0))
         set_rng_state(state["rng"])
+    saved_step = step if state is not None else None  # the step last.pt holds
     logger = MetricsLogger(run_dir, cfg, enabled=is_main, resume=state is not None)
     if state is None:
         logger.log_text(f"data: {bundle.summary()}")
+    start_time, images_seen = time.perf_counter(), 0
 
     def checkpoint_state() -> dict[str, Any]:
         return {
@@ -399,20 +432,24 @@ def _train(
             "ema": ema.state_dict() if ema is not None else None, "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "best": best, "history": history, "rng": rng_state(),
             "model_config": raw_model.config.to_dict(), "architecture": raw_model.name,
+            "seconds": seconds_before + time.perf_counter() - start_time, "images_seen": images_before + images_seen,
         }  # fmt: skip
 
     def save(name: str) -> None:
+        nonlocal saved_step
         if is_main:
             save_checkpoint(run_dir / "checkpoints" / name, checkpoint_state())
+        if name == "last.pt":
+            saved_step = step
 
     eval_model = ema.module if ema is not None else raw_model
+    eval_workers = workers_for(eval_set, cfg.num_workers)
     eval_every = cfg.eval_every or steps_per_epoch
     checkpoint_every = cfg.checkpoint_every or steps_per_epoch
     mix = None
     if cfg.mixup_alpha or cfg.cutmix_alpha:
         mix = bundle.mixup_cutmix(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
     running = {"loss": 0.0, "correct": 0, "count": 0}
-    start_time, images_seen = time.perf_counter(), 0
     train_model.train()
     logger.log_text(f"run directory: {run_dir}; {total_steps} steps, {steps_per_epoch} per epoch, device {device}")
 
@@ -430,10 +467,15 @@ def _train(
                     loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
                 if not torch.isfinite(loss):
                     progress.close()
+                    if saved_step is not None:
+                        kept = f"The last good checkpoint is {last_path} (step {saved_step})."
+                    else:
+                        kept = (f"No checkpoint was written yet (the first was due at step "
+                                f"{min(checkpoint_every, steps_per_epoch, total_steps)}), so there is nothing to "
+                                "resume.")  # fmt: skip
                     raise TrainingDiverged(
-                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); stopped. The last good "
-                        f"checkpoint is {run_dir / 'checkpoints' / 'last.pt'}. Try a lower --lr, --grad-clip, "
-                        "or --amp off"
+                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); stopped. {kept} Try a "
+                        "lower --lr, --grad-clip, or --amp off"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -463,13 +505,14 @@ def _train(
                 if step % eval_every == 0 or finished:
                     result = None
                     if is_main and eval_set is not None:
-                        result = evaluate(eval_model, eval_set, device, amp_dtype=amp_dtype,
+                        result = evaluate(eval_model, eval_set, device, amp_dtype=amp_dtype, num_workers=eval_workers,
                                           num_classes=bundle.num_classes)  # fmt: skip
                     history.append(logger.record(step, epoch, lr, running, result, speed))
                     running = {"loss": 0.0, "correct": 0, "count": 0}
                     if result is not None and result["top1"] > best:
                         best = result["top1"]
-                        save("best.pt")
+                        if has_val:  # choosing on the test set would be tuning on it: no best.pt then
+                            save("best.pt")
                     progress.set_eval(result)
                 if step % checkpoint_every == 0 or finished or epoch_done:
                     save("last.pt")
@@ -485,34 +528,41 @@ def _train(
             progress.close()
             dist.barrier()
 
-    seconds = time.perf_counter() - start_time
+    seconds = seconds_before + time.perf_counter() - start_time
+    images_total = images_before + images_seen
     model_dir = run_dir / "model"
     final = history[-1].get("eval_top1", float("nan")) if history else float("nan")
-    test_accuracy = None
+    test_accuracy, selected = None, "best-val" if has_val else "final"
     if is_main:
-        selected = export_best_model(cfg, bundle, run_dir, model_dir, checkpoint_state(), use_ema=ema is not None,
-                                     best=best)  # fmt: skip
+        exported = export_model(cfg, run_dir, model_dir, checkpoint_state(), use_ema=ema is not None,
+                                from_best=has_val, best=best)  # fmt: skip
         plot_curves(history, run_dir / "curves.png")
-        done = f"done: best {'val' if bundle.val is not None else 'test'} top-1 {best:.2f}%, final {final:.2f}%"
-        if bundle.val is not None and bundle.test is not None:  # selected on val: report it on the test set once
-            test_accuracy = evaluate(selected.to(device), bundle.test, device, amp_dtype=amp_dtype,
-                                     num_classes=bundle.num_classes)["top1"]  # fmt: skip
-            done += f"; the selected model on the test set: top-1 {test_accuracy:.2f}%"
+        if has_val:
+            done = f"done: best val top-1 {best:.2f}% (the exported model), final {final:.2f}%"
+            if bundle.test is not None:  # selected on val: graded on the test set once
+                test_accuracy = evaluate(exported.to(device), bundle.test, device, amp_dtype=amp_dtype,
+                                         num_workers=eval_workers, num_classes=bundle.num_classes)["top1"]  # fmt: skip
+                done += f"; on the test set: top-1 {test_accuracy:.2f}%"
+        else:
+            test_accuracy = final if bundle.test is not None else None
+            done = (f"done: test top-1 of the final model {final:.2f}% (the exported model; peak during training "
+                    f"{best:.2f}%, not used to choose: that would tune on the test set)")  # fmt: skip
         logger.log_text(f"{done}; model saved to {model_dir}")
     logger.close()
     return TrainResult(run_dir, raw_model, step, epoch, history, best, final, model_dir, seconds,
-                       images_seen / max(seconds, 1e-9), test_accuracy)  # fmt: skip
+                       images_total / max(seconds, 1e-9), test_accuracy, selected)  # fmt: skip
 
 
-def export_best_model(cfg: TrainConfig, bundle: DataBundle, run_dir: Path, model_dir: Path,
-                      current: dict[str, Any], *, use_ema: bool, best: float) -> ResNet:  # fmt: skip
-    """Save the best checkpoint's weights (EMA weights when kept) as a ``save_pretrained`` folder; return it."""
+def export_model(cfg: TrainConfig, run_dir: Path, model_dir: Path, current: dict[str, Any], *, use_ema: bool,
+                 from_best: bool, best: float) -> ResNet:  # fmt: skip
+    """Save the run's model as a ``save_pretrained`` folder and return it: the best checkpoint's weights
+    (``from_best``: chosen on a val split) or the current ones, EMA weights when kept."""
     best_path = run_dir / "checkpoints" / "best.pt"
-    source = load_checkpoint(best_path) if best_path.is_file() else current
+    source = load_checkpoint(best_path) if from_best and best_path.is_file() else current
     weights = source["model"]
     if use_ema and source.get("ema"):
         weights = {k.removeprefix("module."): v for k, v in source["ema"].items() if k.startswith("module.")}
-    model = build_model(cfg.replace(pretrained=None), bundle)
+    model = ResNet(ResNetConfig.from_dict(source["model_config"]), name=source["architecture"])
     model.load_state_dict(weights)
     save_pretrained(model, model_dir, extra={"trained_with": cfg.to_dict(), "best_top1": best})
     return model

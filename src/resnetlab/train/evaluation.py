@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from resnetlab.data import build_data
-from resnetlab.errors import ConfigError, DataError
+from resnetlab.errors import ConfigError, DataError, WeightsError
 from resnetlab.loading import load_model
-from resnetlab.train.engine import evaluate, resolve_device
+from resnetlab.train.checkpoint import load_checkpoint
+from resnetlab.train.engine import evaluate, resolve_device, workers_for
 
 
 def evaluate_model(
@@ -25,17 +26,23 @@ def evaluate_model(
     batch_size: int = 256,
     device: str = "auto",
     ten_crop: bool = False,
+    num_workers: int = 2,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``source`` (see ``load_model``) on ``data`` (default: what it was trained on)."""
+    """Evaluate ``source`` (see ``load_model``) on ``data`` (default: what it was trained on).
+
+    ``ten_crop``: average the logits of the paper's ten crops (see ``eval_transform``). ``num_workers``:
+    DataLoader workers for datasets decoded per image.
+    """
     from resnetlab.export import ExportedModel, is_export
 
     model = ExportedModel(source) if is_export(source) else load_model(source, pretrained=pretrained)
     config = model.config
-    trained_on = _trained_with(source).get("data")
+    trained = _trained_with(source) if data is None else {}  # the same data, and the same held-out split
     bundle = build_data(
-        data if data is not None else trained_on, augment="none", image_size=config.input_size[-1],
+        data if data is not None else trained.get("data"), augment="none", image_size=config.input_size[-1],
         mean=config.mean, std=config.std, crop_pct=config.crop_pct, ten_crop=ten_crop,
+        val_split=trained.get("val_split", 0), seed=trained.get("seed", 0),
     )  # fmt: skip
     dataset = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[split]
     if dataset is None:
@@ -49,7 +56,8 @@ def evaluate_model(
         warnings.warn(f"class names differ from the model's: {bundle.classes[:5]}... vs "
                       f"{list(config.label_names)[:5]}...; accuracy assumes the same order", stacklevel=2)  # fmt: skip
     dev = resolve_device(device)
-    result = evaluate(model.to(dev), dataset, dev, batch_size=batch_size, num_classes=bundle.num_classes)
+    result = evaluate(model.to(dev), dataset, dev, batch_size=batch_size, num_classes=bundle.num_classes,
+                      num_workers=workers_for(dataset, num_workers))  # fmt: skip
     confusion: torch.Tensor = result.pop("confusion")
     per_class = (100 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     out = out_dir or _default_out(source)
@@ -70,9 +78,18 @@ def evaluate_model(
 
 
 def _trained_with(source: str) -> dict[str, Any]:
-    for candidate in (Path(source) / "model" / "config.json", Path(source) / "config.json"):
+    """The training config recorded with ``source``: a run or model folder's config.json, or the config
+    inside a training checkpoint (a run folder without a model yet, or a ``.pt`` file)."""
+    path = Path(source)
+    for candidate in (path / "model" / "config.json", path / "config.json"):
         if candidate.is_file():
             return json.loads(candidate.read_text()).get("trained_with", {})
+    checkpoint = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if checkpoint.is_file() and checkpoint.suffix == ".pt":
+        try:
+            return dict(load_checkpoint(checkpoint).get("config", {}))
+        except WeightsError:  # not a training checkpoint (an exported TorchScript file, say)
+            pass
     return {}
 
 
