@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,13 @@ import resnetlab
 from resnetlab.cli.main import main
 from resnetlab.errors import InputError
 from resnetlab.inference import Predictor
-from resnetlab.transfer.features import Embeddings, capture_outputs, extract_features, nearest, pooled_features
+from resnetlab.transfer.features import (
+    Embeddings,
+    capture_outputs,
+    extract_features,
+    nearest,
+    pooled_features,
+)
 
 TINY = dict(widths=(4, 8, 16), stem_channels=4, input_size=(3, 16, 16), crop_pct=1.0)
 
@@ -104,3 +111,34 @@ def test_cli_features_then_similar(model_dir: Path, images: Path, tmp_path: Path
     # the same pixels: a copy, and the RGBA version (opaque alpha is dropped by load_image)
     assert {Path(m["file"]).name for m in result["matches"]} == {"rgb.png", "rgb_copy.png", "alpha.png"}
     assert all(m["score"] == pytest.approx(1.0, abs=1e-5) for m in result["matches"])
+
+
+def test_save_keeps_dotted_names_and_load_finds_them(tmp_path: Path) -> None:
+    embeddings = Embeddings(np.ones((2, 3), np.float32), ["a.png", "b.png"])
+    saved = embeddings.save(tmp_path / "emb.v2")
+    assert saved == tmp_path / "emb.v2.npy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.v2.csv", "emb.v2.json", "emb.v2.npy"]
+    assert Embeddings.load(tmp_path / "emb.v2").files == ["a.png", "b.png"]
+    assert Embeddings.load(saved).files == ["a.png", "b.png"]
+
+
+def test_parquet_without_pandas_is_a_clear_error(model_dir: Path, images: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as on a machine without the parquet extra
+    out = tmp_path / "emb.parquet"
+    assert main(["features", "--from", str(model_dir), str(images / "rgb.png"), "--out", str(out), "--json"]) == 1
+    assert "pip install 'resnetlab[parquet]'" in json.loads(capsys.readouterr().out)["message"]
+    assert not out.exists()
+
+
+@pytest.mark.slow  # traces and loads TorchScript
+def test_features_of_an_exported_model_is_a_clear_error(model_dir: Path, images: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    from resnetlab.export import export_model
+
+    artifact = export_model(resnetlab.from_pretrained(model_dir), tmp_path / "model.pt", "torchscript")
+    code = main(["features", "--from", str(artifact), str(images / "rgb.png"), "--out", str(tmp_path / "e"),
+                 "--json"])  # fmt: skip
+    assert code == 1
+    assert "run or model folder it was exported from" in json.loads(capsys.readouterr().out)["message"]

@@ -86,7 +86,7 @@ class Embeddings:
                                   "or use --out NAME.npy") from err  # fmt: skip
             pd.DataFrame({"file": self.files, "embedding": list(self.vectors)}).to_parquet(out)
         else:
-            out = out.with_suffix(".npy")
+            out = _npy_path(out)
             np.save(out, self.vectors)
             with open(out.with_suffix(".csv"), "w", newline="") as f:
                 writer = csv.writer(f)
@@ -106,7 +106,7 @@ class Embeddings:
 
             frame = pd.read_parquet(path)
             return cls(np.stack(frame["embedding"].to_numpy()), frame["file"].tolist(), meta)
-        path = path.with_suffix(".npy")
+        path = _npy_path(path)
         if not path.is_file() or not path.with_suffix(".csv").is_file():
             raise DataError(f"no embeddings index at {path} (+ .csv); make one with `resnetlab features`")
         with open(path.with_suffix(".csv"), newline="") as f:
@@ -115,6 +115,11 @@ class Embeddings:
         if len(vectors) != len(files):
             raise DataError(f"{path} has {len(vectors)} rows but its .csv lists {len(files)} files")
         return cls(vectors, files, meta)
+
+
+def _npy_path(path: Path) -> Path:
+    """``NAME.npy`` for ``NAME`` or ``NAME.npy``; a dotted name (``emb.v2``) keeps its dots."""
+    return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
 
 
 @torch.no_grad()
@@ -130,6 +135,9 @@ def extract_features(
     from tqdm.auto import tqdm
 
     model = predictor.model
+    if not isinstance(model, ResNet):
+        raise ConfigError(f"embeddings need the PyTorch model (an exported {type(model).__name__} only gives "
+                          "logits); pass the run or model folder it was exported from")  # fmt: skip
     paths = [str(p) for p in files]
     chunks, names, failed = [], [], []
     for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="features", unit="batch"):
@@ -173,3 +181,4 @@ def similar_images(
     predictor = Predictor.load(index.meta["source"], pretrained=index.meta.get("pretrained"), device=device)
     found = extract_features(predictor, collect_images(list(queries)), stage=index.meta.get("stage"))
     return list(zip(found.files, nearest(index, found.vectors, k))), found.failed
+
