@@ -23,7 +23,8 @@ class WeightsSource:
     ``kind``: "torchvision" (``ref`` = torchvision weights enum, e.g. "ResNet50_Weights.IMAGENET1K_V2"),
     "url" (``ref`` = URL of a file whose name is ``filename``), or "hf_hub" (``ref`` = repo id on the
     Hugging Face hub, ``filename`` inside it). ``format`` names the converter (see ``weights.CONVERTERS``).
-    ``config`` overrides preprocessing that the weights were trained with.
+    ``config`` overrides preprocessing that the weights were trained with; ``labels`` names the dataset
+    whose classes the head predicts ("imagenet-1k", "cifar-10"), so predictions carry class names.
     """
 
     kind: str
@@ -33,6 +34,7 @@ class WeightsSource:
     sha256_prefix: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    labels: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def _build_table() -> dict[str, ModelEntry]:
             dict(base, stem="deep", avg_down=True),
             f"ResNet-{depth}-D (Bag of Tricks): deep 3x3 stem, average-pool projection shortcut",
             weights={"timm_in1k": WeightsSource("hf_hub", f"timm/resnet{depth}d.ra2_in1k", "timm",
-                                                "model.safetensors")},
+                                                "model.safetensors", labels="imagenet-1k")},
             timm_name=f"resnet{depth}d",
         )  # fmt: skip
         table[f"preact_resnet{depth}"] = ModelEntry(
@@ -103,11 +105,11 @@ def _build_table() -> dict[str, ModelEntry]:
         timm_name="resnet50c",
     )  # fmt: skip
     table["preact_resnet50"].weights["timm_in1k"] = WeightsSource(
-        "hf_hub", "timm/resnetv2_50.a1h_in1k", "timm", "model.safetensors"
+        "hf_hub", "timm/resnetv2_50.a1h_in1k", "timm", "model.safetensors", labels="imagenet-1k"
     )
     table["resnet50"].weights["hf_in1k"] = WeightsSource(
         "hf_hub", "microsoft/resnet-50", "hf", "model.safetensors",
-        description="Hugging Face transformers microsoft/resnet-50",
+        description="Hugging Face transformers microsoft/resnet-50", labels="imagenet-1k",
     )  # fmt: skip
     for name, layers, groups, width, enum in (
         ("resnext50_32x4d", IMAGENET_LAYERS[50], 32, 4, "ResNeXt50_32X4D_Weights.IMAGENET1K_V2"),
@@ -135,6 +137,7 @@ def _build_table() -> dict[str, ModelEntry]:
                 sha256_prefix=AKAMASTER_FILES[depth].split("-")[1][:8],
                 config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD),
                 description="published CIFAR-10 weights of akamaster/pytorch_resnet_cifar10 (BSD-2-Clause)",
+                labels="cifar-10",
             )  # fmt: skip
         params = CIFAR_PAPER_PARAMS.get(depth)
         table[f"resnet{depth}"] = ModelEntry(

@@ -243,9 +243,24 @@ def weights_search_path() -> list[Path]:
     return [*dirs, cache_dir() / "weights", Path(torch.hub.get_dir()) / "checkpoints"]
 
 
+def dataset_labels(dataset: str) -> tuple[str, ...]:
+    """Class names, in label order, of a dataset that published weights predict."""
+    if dataset == "imagenet-1k":  # torchvision's ImageNet metadata (the same order timm and HF use)
+        from torchvision.models import ResNet50_Weights
+
+        return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+    if dataset == "cifar-10":
+        from resnetlab.data.cifar import CIFAR10_CLASSES
+
+        return CIFAR10_CLASSES
+    raise WeightsError(f"no class names known for dataset {dataset!r}")
+
+
 def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
-    """State dict (converted) and preprocessing overrides for a ``registry.WeightsSource``."""
+    """State dict (converted) and preprocessing overrides (with class names) for a ``registry.WeightsSource``."""
     extra: dict[str, Any] = dict(source.config)
+    if source.labels:
+        extra.setdefault("label_names", dataset_labels(source.labels))
     if source.kind == "torchvision":
         from torchvision.models import get_weight
 
