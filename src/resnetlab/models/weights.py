@@ -43,6 +43,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def error_summary(err: BaseException) -> str:
+    """``Type: first line`` of an exception, short enough for a one-line error message."""
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
+
+
 def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     """Tensors from a ``.safetensors`` file or a PyTorch checkpoint, never executing pickled code.
 
@@ -62,9 +67,8 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise WeightsError(
-            f"cannot load {path} as plain tensors ({type(err).__name__}: {reason}). "
+            f"cannot load {path} as plain tensors ({error_summary(err)}). "
             "resnetlab never unpickles code; re-save it with torch.save(model.state_dict(), ...) or as "
             "safetensors if it comes from a source you trust"
         ) from err
