@@ -3,8 +3,10 @@ a hang or code execution."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import json
 import os
 import zipfile
 
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 import resnetlab
 from fuzzing import fuzz
 from resnetlab.errors import WeightsError
-from resnetlab.models.weights import load_state_dict_file
+from resnetlab.models.weights import load_pretrained_dir, load_state_dict_file
 from resnetlab.train import load_checkpoint, save_checkpoint
 
 FUZZ = fuzz(300)
@@ -49,30 +51,163 @@ def test_random_bytes_only_raise_weights_error(tmp_path_factory, data: bytes, su
 @FUZZ
 @given(cut=st.floats(0.0, 0.999), flips=st.lists(st.integers(0, 10**9), max_size=8))
 def test_truncated_or_bitflipped_checkpoints(saved_model, tmp_path_factory, cut: float, flips: list[int]) -> None:
-    """A damaged file either fails with WeightsError naming it, or loads as tensors (then the
-    save_pretrained folder's sha256 check catches the change)."""
+    """A damaged file either fails with WeightsError naming it, or loads as tensors; inside a
+    save_pretrained folder, the sha256 check refuses every change."""
+    folder = tmp_path_factory.getbasetemp() / "damaged-folder"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_bytes((saved_model / "config.json").read_bytes())
     for name in ("model.safetensors", "plain.pth"):
-        data = bytearray((saved_model / name).read_bytes())
+        original = (saved_model / name).read_bytes()
+        data = bytearray(original)
         data = data[: max(1, int(len(data) * cut))] if cut > 0.5 else data
         for f in flips:
             data[f % len(data)] ^= 1 << (f % 8)
-        path = _write(tmp_path_factory.mktemp("d") / name, bytes(data))
+        path = _write(folder / name, bytes(data))
         try:
             sd = load_state_dict_file(path)
         except WeightsError as err:
             assert name in str(err)
         else:
             assert all(isinstance(v, torch.Tensor) for v in sd.values())
+        if name == "model.safetensors" and bytes(data) != original:
+            with pytest.raises(WeightsError, match=r"model\.safetensors"):
+                load_pretrained_dir(folder)
+
+
+def _copy_folder(source, target, *, cut_weights: int | None = None, edit_config=None):
+    target.mkdir(exist_ok=True)
+    weights = (source / "model.safetensors").read_bytes()
+    (target / "model.safetensors").write_bytes(weights if cut_weights is None else weights[:cut_weights])
+    meta = json.loads((source / "config.json").read_text())
+    if edit_config:
+        edit_config(meta)
+    (target / "config.json").write_text(json.dumps(meta))
+    return target
 
 
 def test_truncated_pretrained_folder_is_refused_naming_the_file(saved_model, tmp_path) -> None:
-    folder = tmp_path / "copy"
-    folder.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        data = (saved_model / name).read_bytes()
-        (folder / name).write_bytes(data[: len(data) // 2] if name.endswith("safetensors") else data)
-    with pytest.raises(WeightsError, match=r"model\.safetensors"):
+    size = (saved_model / "model.safetensors").stat().st_size
+    for cut in np.linspace(0, size - 1, 24).astype(int):
+        folder = _copy_folder(saved_model, tmp_path / "copy", cut_weights=int(cut))
+        with pytest.raises(WeightsError, match=r"model\.safetensors.*(corrupt|truncated)"):
+            resnetlab.from_pretrained(folder)
+    text = (saved_model / "config.json").read_bytes()
+    for cut in (0, 1, len(text) // 2, len(text) - 1):
+        (folder / "config.json").write_bytes(text[:cut])
+        with pytest.raises(WeightsError, match=r"config\.json"):
+            resnetlab.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "config.json").write_bytes(text)
+    with pytest.raises(WeightsError, match=r"model\.safetensors is missing"):
         resnetlab.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("recorded", [None, "", 12345, "abc", "0" * 64])
+def test_folder_without_a_valid_hash_is_refused_unless_verify_is_off(saved_model, tmp_path, recorded) -> None:
+    """Deleting or spoiling ``weights_sha256`` does not switch the check off: the folder is refused, and the
+    message says how to load a hand-made folder (``verify=False``)."""
+
+    def edit(meta: dict) -> None:
+        if recorded is None:
+            del meta["weights_sha256"]
+        else:
+            meta["weights_sha256"] = recorded
+
+    folder = _copy_folder(saved_model, tmp_path / "edited", edit_config=edit)
+    refused = r"config\.json.*weights_sha256.*verify=False|differs from the one recorded in .*config\.json"
+    with pytest.raises(WeightsError, match=refused):
+        resnetlab.from_pretrained(folder)
+    with pytest.raises(WeightsError):
+        resnetlab.create_model("resnet20", pretrained=str(folder))
+    model = resnetlab.from_pretrained(folder, verify=False)  # the explicit opt-out for trusted, hand-made folders
+    reference = resnetlab.from_pretrained(saved_model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+class Crash(BaseException):
+    """Stands for the process dying: no ``except Exception`` handler runs."""
+
+
+def _tiny(seed: int):
+    torch.manual_seed(seed)
+    return resnetlab.create_model("resnet20", stem_channels=4, widths=(4, 8, 8), num_classes=3)
+
+
+def _same_weights(model, folder) -> bool:
+    loaded = resnetlab.from_pretrained(folder)
+    return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+@pytest.mark.parametrize("renames_done", [0, 1])
+def test_save_pretrained_killed_midway_never_loads_wrong_weights(tmp_path, monkeypatch, renames_done) -> None:
+    """Saving B over A and dying before the renames leaves A; dying between them leaves a folder that is
+    refused as interrupted (never B's weights with A's config). The next save cleans up and succeeds."""
+    from resnetlab.models import weights as weights_module
+
+    old, new, folder = _tiny(0), _tiny(1), tmp_path / "m"
+    resnetlab.save_pretrained(old, folder)
+    real_replace, calls = weights_module.replace_with, []
+
+    def dies_after(tmp, path):
+        if len(calls) == renames_done:
+            raise Crash
+        calls.append(path)
+        real_replace(tmp, path)
+
+    monkeypatch.setattr(weights_module, "replace_with", dies_after)
+    with pytest.raises(Crash):
+        resnetlab.save_pretrained(new, folder)
+    monkeypatch.undo()
+    if renames_done == 0:
+        assert _same_weights(old, folder)
+    else:
+        with pytest.raises(WeightsError, match="interrupted"):
+            resnetlab.from_pretrained(folder)
+    assert list(folder.glob(".*.tmp-*"))  # a crash leaves its temporary files...
+    resnetlab.save_pretrained(new, folder)
+    assert _same_weights(new, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # ...the next save not
+
+
+def test_save_pretrained_on_a_full_disk_keeps_the_previous_folder(tmp_path, monkeypatch) -> None:
+    old, folder = _tiny(0), tmp_path / "m"
+    resnetlab.save_pretrained(old, folder)
+    real_fsync, calls = os.fsync, []
+
+    def full_on_second_file(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the weights went to their temporary file; config.json does not fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_on_second_file)
+    with pytest.raises(WeightsError, match=r"disk is full.*previous files are intact"):
+        resnetlab.save_pretrained(_tiny(1), folder)
+    monkeypatch.undo()
+    assert _same_weights(old, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])  # the check is the same for every format
+def test_truncated_or_unhashed_exports_are_refused_naming_the_file(tmp_path, fmt: str) -> None:
+    from resnetlab.export import export_model, read_export
+
+    suffix = {"torchscript": ".pt", "exported-program": ".pt2"}[fmt]
+    path = export_model(resnetlab.create_model("resnet8", widths=(4, 8, 8), stem_channels=4), tmp_path / f"m{suffix}",
+                        fmt)  # fmt: skip
+    data = path.read_bytes()
+    for cut in np.linspace(0, len(data) - 1, 8).astype(int):
+        path.write_bytes(data[:cut])
+        with pytest.raises(WeightsError, match=rf"m\{suffix}.*sha256"):
+            read_export(path)
+    path.write_bytes(data)
+    assert read_export(path)["format"] == fmt
+    sidecar = path.with_name(path.name + ".json")
+    meta = json.loads(sidecar.read_text())
+    del meta["sha256"]
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="sha256"):
+        read_export(path)
 
 
 def test_zip_checkpoint_with_code_payload_runs_nothing(tmp_path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from resnetlab.errors import ResNetLabError, WeightsError
-from resnetlab.models.weights import error_summary
+from resnetlab.models.weights import error_summary, replace_with, write_temporary
 
 
 class CheckpointError(ResNetLabError):
@@ -29,25 +29,11 @@ class CheckpointError(ResNetLabError):
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_with(write_temporary(path, data), path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
         raise CheckpointError(f"could not write {path}{hint}: {err}; the previous file is intact") from err
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
