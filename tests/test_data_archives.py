@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import struct
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnetlab.data import build_data, open_store
+from resnetlab.data import build_data, open_store, stores
 from resnetlab.data.folders import index_image_folder
 from resnetlab.errors import DataError
 
@@ -228,3 +231,87 @@ def test_empty_class_folder_is_an_error(tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "train" / "ants" / "a.png")
     with pytest.raises(DataError, match=r"train/bees .*has no images"):
         build_data(tmp_path)
+
+
+# ---------------------------------------------------------------------------- decompression bombs
+def refused_with_peak(action) -> tuple[str, int]:
+    """``action()`` must raise DataError: its message, and the peak Python/numpy heap allocation meanwhile."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as caught:
+            action()
+        return str(caught.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tar_gz_bomb_is_refused_before_its_members_are_read(tmp_path, monkeypatch):
+    """A real bomb: 64 MiB of zeros in a ~65 KB .tar.gz, with a 16 MiB limit on what may be held in memory."""
+    monkeypatch.setattr(stores, "MAX_IN_MEMORY_BYTES", 16 << 20)
+    path = write_tar(tmp_path / "bomb.tar.gz", {**files(), "pets/train/cat/zeros.png": bytes(64 << 20)}, "w:gz")
+    assert path.stat().st_size < 200_000
+    message, peak = refused_with_peak(lambda: open_store(path))
+    assert "bomb.tar.gz" in message and "repack it" in message and peak < 2 << 20
+
+
+def test_tar_gz_of_many_small_members_counts_towards_the_limit(tmp_path, monkeypatch):
+    """Millions of empty members are a bomb too: each costs memory to index."""
+    monkeypatch.setattr(stores, "MAX_IN_MEMORY_BYTES", 1 << 20)
+    path = write_tar(tmp_path / "many.tar.gz", {f"pets/train/cat/{i}.png": b"" for i in range(2000)}, "w:gz")
+    with pytest.raises(DataError, match="add up to more than"):
+        open_store(path)
+    monkeypatch.setattr(stores, "MAX_IN_MEMORY_BYTES", 4 << 20)  # the same archive under a larger limit
+    assert len(open_store(path).names) == 2000
+
+
+@pytest.mark.parametrize("suffix", ["tar", "tar.gz"])
+def test_tar_member_declaring_an_absurd_size_is_refused_without_reading(tmp_path, suffix):
+    """A header that declares 2 GiB followed by nothing: refused from the header alone."""
+    header = tarfile.TarInfo("pets/train/cat/huge.png")
+    header.size = 2 << 30
+    raw = header.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024)
+    path = tmp_path / f"huge.{suffix}"
+    path.write_bytes(raw if suffix == "tar" else gzip.compress(raw))
+    message, peak = refused_with_peak(lambda: open_store(path))
+    assert f"huge.{suffix}" in message and "refusing" in message and peak < 1 << 20
+
+
+def _zip_declaring(path: Path, data: bytes, declared: int, compression: int) -> Path:
+    """A one-member zip whose headers claim ``declared`` uncompressed bytes (the content is ``data``)."""
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        archive.writestr("pets/train/cat/x.png", data)
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    raw[22:26] = struct.pack("<I", declared)  # the local header is at offset 0
+    raw[central + 24 : central + 28] = struct.pack("<I", declared)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_zip_bomb_member_is_refused_before_it_is_decompressed(tmp_path, monkeypatch):
+    monkeypatch.setattr(stores, "MAX_MEMBER_BYTES", 1 << 20)
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("pets/train/cat/zeros.png", bytes(32 << 20))  # 32 MiB -> ~32 KB
+        archive.writestr("pets/train/cat/ok.png", png((1, 2, 3)))
+    assert (tmp_path / "bomb.zip").stat().st_size < 100_000
+    store = open_store(tmp_path / "bomb.zip")
+    message, peak = refused_with_peak(lambda: store.open("pets/train/cat/zeros.png"))
+    assert "zeros.png: it declares 33554432 bytes" in message and peak < 1 << 20
+    assert store.open("pets/train/cat/ok.png").read() == png((1, 2, 3))  # the rest of the archive still reads
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+@pytest.mark.parametrize("declared", [100, (8 << 20) + 1], ids=["declares-less", "declares-more"])
+def test_zip_member_whose_content_is_not_its_declared_size_is_refused(tmp_path, compression, declared):
+    """Declared sizes that lie are caught: from the headers alone when stored; when compressed, by never
+    decompressing past the declared size (then the CRC fails) or by counting what came out. Either way a
+    DataError naming the member, and memory bounded by the declared size, not by what the member holds."""
+    path = _zip_declaring(tmp_path / "lying.zip", bytes(8 << 20), declared, compression)
+    store = open_store(path)
+    message, peak = refused_with_peak(lambda: store.open("pets/train/cat/x.png"))
+    assert "lying.zip:pets/train/cat/x.png" in message
+    assert "declares" in message or "CRC" in message
+    # never more than the declared size (plus copies while it is assembled) and the compressed bytes
+    assert peak < 3 * declared + path.stat().st_size + (1 << 20)
+    if declared == 100:
+        assert peak < 1 << 20  # 8 MiB inside, 100 bytes declared: the 8 MiB never exist in memory

@@ -69,9 +69,12 @@ def _resolve_pretrained(name: str, pretrained: bool | str | os.PathLike) -> tupl
     raise WeightsError(f"pretrained={pretrained!r} is neither a file, a folder nor a weights tag of {name} ({tags})")
 
 
-def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> ResNet:
-    """Rebuild a model saved with ``save_pretrained`` (architecture, weights and preprocessing)."""
-    meta, state_dict = load_pretrained_dir(directory)
+def from_pretrained(directory: str | os.PathLike, *, verify: bool = True, **overrides: Any) -> ResNet:
+    """Rebuild a model saved with ``save_pretrained`` (architecture, weights and preprocessing).
+
+    The weights are checked against the sha256 in ``config.json``; ``verify=False`` skips that, for a
+    folder assembled by hand from files you trust."""
+    meta, state_dict = load_pretrained_dir(directory, verify=verify)
     config = ResNetConfig.from_dict(meta["config"]).replace(**overrides)
     try:
         model = ResNet(config, name=str(meta.get("architecture") or "resnet"))
