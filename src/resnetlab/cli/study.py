@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.train.config import parse_set_option
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -31,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: per epoch)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other training option of the recipe, e.g. milestones=[400,600]")
     common(p)
     p.set_defaults(func=degradation)
 
@@ -74,7 +77,8 @@ def degradation(args: argparse.Namespace) -> int:
     """Train plain and residual twins; report whether the deeper plain net trains worse."""
     from resnetlab.studies import degradation_study
 
-    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    extra = dict(parse_set_option(item) for item in args.set)
+    extra.update({k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None})
     return _finish(args, degradation_study(
         args.depths, data=args.data, recipe=args.recipe, max_iters=args.max_iters, subset=args.subset,
         test_subset=args.test_subset, eval_every=args.eval_every, out=args.out, seed=args.seed, **extra,
