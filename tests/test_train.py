@@ -26,7 +26,15 @@ from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.loading import load_model
 from resnetlab.train import TrainConfig, load_checkpoint, load_recipe, recipe_names, save_checkpoint, train
 from resnetlab.train.checkpoint import CheckpointError
-from resnetlab.train.engine import TrainingDiverged, TrainingInterrupted, TrainResult, lr_factor
+from resnetlab.train.engine import (
+    TrainBatches,
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainResult,
+    build_optimizer,
+    lr_factor,
+    optimizer_kernels,
+)
 
 TINY = {"stem_channels": 4, "widths": [4, 8, 8]}
 
@@ -329,6 +337,47 @@ def assert_same_trajectory(losses: list[float], reference: list[float]) -> None:
     assert losses == pytest.approx(reference, rel=1e-2)
 
 
+def test_device_resident_batches_and_the_dataloader_train_the_same_run(tmp_path) -> None:
+    """Without random augmentation both paths walk the same seeded order and normalise the same way."""
+    resident, _ = _losses(tmp_path, "resident", augment="none", max_iters=6, eval_every=6)
+    loaded, _ = _losses(tmp_path, "loader", augment="none", data_on_device=False, num_workers=0, max_iters=6,
+                        eval_every=6)  # fmt: skip
+    assert_same_trajectory(resident, loaded)
+    bundle, cpu = build_data(augment="none"), torch.device("cpu")
+    assert TrainBatches(tiny_config(tmp_path, augment="none"), bundle, cpu, 32).on_device  # the paths compared
+    assert not TrainBatches(tiny_config(tmp_path, data_on_device=False), bundle, cpu, 32).on_device
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_kernels_train_the_same_run(tmp_path, optimizer) -> None:
+    """fused, foreach and the per-parameter loop are the same update; auto is fused on CPU."""
+    lr = 0.05 if optimizer == "sgd" else 1e-3
+    options = dict(optimizer=optimizer, lr=lr, max_iters=4, eval_every=4)
+    runs = {impl: _losses(tmp_path, impl, optimizer_impl=impl, **options) for impl in ("loop", "foreach", "fused")}
+    for impl in ("foreach", "fused"):
+        assert_same_trajectory(runs[impl][0], runs["loop"][0])
+        for a, b in zip(runs[impl][1].model.parameters(), runs["loop"][1].model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model = load_model("resnet20", **TINY)
+    assert build_optimizer(tiny_config(tmp_path), [{"params": list(model.parameters())}],
+                           torch.device("cpu")).defaults["fused"] is True  # fmt: skip
+
+
+def test_fast_path_options_are_validated(tmp_path, capsys) -> None:
+    with pytest.raises(ConfigError, match="needs compile: true"):
+        tiny_config(tmp_path, compile_mode="max-autotune")
+    with pytest.raises(ConfigError, match="compile_mode"):
+        tiny_config(tmp_path, compile=True, compile_mode="fastest")
+    with pytest.raises(ConfigError, match="optimizer_impl"):
+        tiny_config(tmp_path, optimizer_impl="turbo")
+    with pytest.raises(ConfigError, match="no fused optimizer kernels for meta"):
+        optimizer_kernels("fused", torch.device("meta"))
+    assert optimizer_kernels("loop", torch.device("cpu")) == {"foreach": False}
+    code = main(["train", "--device", "cpu", "--compile", "reduce-overhead", "--run-dir", str(tmp_path / "r")])
+    assert code == 1 and "records CUDA graphs, which need a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.slow
 def test_compiled_training_follows_the_eager_trajectory(tmp_path) -> None:
     """torch.compile (inductor, CPU) trains the same run as eager mode, and the checkpoint and exported
@@ -410,10 +459,12 @@ def test_mixup_and_cutmix_mix_the_batches_train_sees(tmp_path) -> None:
     assert all(math.isfinite(v) for v in losses)
 
 
-def test_no_decay_on_norm_and_bias_and_everything_resumes_bit_identical(tmp_path) -> None:
-    """EMA + bf16 + clipping + mixup/cutmix + channels_last + no weight decay on norms/biases, interrupted
-    at step 5 and resumed: the weights, EMA weights and optimizer state equal an uninterrupted run's."""
-    options = dict(ema_decay=0.9, amp="bf16", grad_clip=1.0, mixup_alpha=0.2, cutmix_alpha=1.0,
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_no_decay_on_norm_and_bias_and_everything_resumes_bit_identical(tmp_path, amp) -> None:
+    """EMA + bf16/fp16 (with its gradient scaler) + clipping + mixup/cutmix + channels_last + no weight decay
+    on norms/biases, interrupted at step 5 and resumed: the weights, EMA weights, optimizer and scaler
+    state equal an uninterrupted run's."""
+    options = dict(ema_decay=0.9, amp=amp, grad_clip=1.0, mixup_alpha=0.2, cutmix_alpha=1.0,
                    channels_last=True, no_decay_norm_bias=True, max_iters=8, eval_every=4)  # fmt: skip
     reference = train(tiny_config(tmp_path / "straight", **options)).run_dir / "checkpoints" / "last.pt"
 
@@ -428,6 +479,9 @@ def test_no_decay_on_norm_and_bias_and_everything_resumes_bit_identical(tmp_path
     for part in ("model", "ema"):
         assert expected[part].keys() == got[part].keys()
         assert all(torch.equal(expected[part][k], got[part][k]) for k in expected[part]), part
+    assert got["scaler"] == expected["scaler"]
+    if amp == "fp16":  # the scaler's step count since its last growth survived the interruption
+        assert expected["scaler"]["_growth_tracker"] == 8
     momentum = [s["momentum_buffer"] for s in expected["optimizer"]["state"].values()]
     assert all(torch.equal(a["momentum_buffer"], b) for a, b in zip(got["optimizer"]["state"].values(), momentum))
     groups = expected["optimizer"]["param_groups"]  # no_decay_norm_bias: matrices decay, norms and biases not

@@ -232,6 +232,50 @@ def test_an_invalid_torchvision_weights_name_lists_the_valid_ones() -> None:
         load_pretrained_source("ResNet50d_Weights.IMAGENET1K_V1")
 
 
+@pytest.mark.slow
+def test_an_interrupted_finetune_resumes_its_strategy_and_ends_identical(
+    source_dir: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Gradual unfreezing over 3 epochs of 6 steps, stopped by SIGTERM in the middle of epoch 2: resuming
+    continues the saved strategy and ends with the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    from resnetlab.train import TrainingInterrupted, load_checkpoint
+
+    strategy = FinetuneStrategy(mode="full", bn="eval", unfreeze_every=1, lr_decay=0.5)
+
+    def cfg(name: str):
+        return load_recipe("finetune", data=str(folder), pretrained=str(source_dir), image_size=16, batch_size=8,
+                           epochs=3, warmup_iters=0, deterministic=True, tensorboard=False, progress=False,
+                           num_workers=0, run_dir=str(tmp_path / name))  # fmt: skip
+
+    reference = finetune(cfg("straight"), strategy)
+
+    def stop_at_step_8(info) -> None:
+        if info.step == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted):
+        finetune(cfg("stopped"), strategy, callbacks=[stop_at_step_8])
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 1  # not a plain training run
+    assert "resume it with resnetlab finetune --resume" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(tmp_path / "stopped"), "--mode", "linear"]) == 1
+    assert "drop --mode" in capsys.readouterr().err  # the saved strategy is the one that continues
+    # what a restarted torchrun worker does: the same call, with auto_resume (the data settings the run
+    # resolved from its model are filled in from the checkpoint)
+    finetune(cfg("stopped").replace(auto_resume=True), strategy)
+    assert main(["finetune", "--resume", str(tmp_path / "stopped"), "--json"]) == 0  # finished: nothing to do
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["steps"] == 18
+    assert [h["trainable"] for h in resumed["history"]] == [["head"], ["layer3", "head"], ["layer2", "layer3", "head"]]
+    assert [h["trainable"] for h in resumed["history"]] == [h["trainable"] for h in reference.history]
+    expected = load_checkpoint(reference.run_dir / "checkpoints" / "last.pt")["model"]
+    got = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert resnetlab.from_pretrained(resumed["model_dir"]).config.label_names == ("blue", "red")
+
+
 def test_cli_reports_a_torchvision_weights_name_it_cannot_get(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path))  # nothing cached

@@ -15,19 +15,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "weights file (with --model); a torchvision weights name (ResNet50_Weights.IMAGENET1K_V2); or a "
         "weights tag of --model (cifar10_akamaster, tv_in1k); 'none' trains --model from scratch.",
     )  # fmt: skip
-    p.add_argument("--from", dest="source", required=True, help="what to start from (see above)")
-    p.add_argument("--data", required=True, help="dataset: ImageFolder folder/archive, cifar10, ...")
+    p.add_argument("--from", dest="source", help="what to start from (see above); required unless --resume")
+    p.add_argument("--data", help="dataset: ImageFolder folder/archive, cifar10, ...; required unless --resume")
     p.add_argument("--model", help="architecture, for weight files and tags (e.g. resnet50)")
-    p.add_argument("--mode", default="full", choices=["linear", "partial", "full"],
-                   help="linear probe, partial (freeze stem + --freeze-stages stages), or full")  # fmt: skip
-    p.add_argument("--freeze-stages", type=int, default=0, help="stages kept frozen in partial mode")
-    p.add_argument("--bn", default="train", choices=["train", "eval", "frozen"],
-                   help="BatchNorm: train, eval (keep pretrained statistics), frozen (statistics + affine)")
-    p.add_argument("--lr-decay", type=float, default=1.0,
-                   help="discriminative lr: each part below the head gets this factor more (e.g. 0.5)")
-    p.add_argument("--unfreeze-every", type=int, default=0,
-                   help="gradual unfreezing: one more stage (from the top) every N epochs")
-    p.add_argument("--recipe", default="finetune", help="training recipe (default: finetune)")
+    p.add_argument("--mode", choices=["linear", "partial", "full"],
+                   help="linear probe, partial (freeze stem + --freeze-stages stages), or full (default)")
+    p.add_argument("--freeze-stages", type=int, help="stages kept frozen in partial mode (default 0)")
+    p.add_argument("--bn", choices=["train", "eval", "frozen"],
+                   help="BatchNorm: train (default), eval (keep pretrained statistics), frozen (statistics + affine)")
+    p.add_argument("--lr-decay", type=float,
+                   help="discriminative lr: each part below the head gets this factor more (e.g. 0.5; default 1)")
+    p.add_argument("--unfreeze-every", type=int,
+                   help="gradual unfreezing: one more stage (from the top) every N epochs (default 0: off)")
+    p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="continue an interrupted fine-tuning run with its saved strategy and config")
+    p.add_argument("--recipe", help="training recipe (default: finetune)")
     for flag, kind in (("epochs", int), ("max_iters", int), ("batch_size", int), ("lr", float),
                        ("image_size", int), ("device", str), ("seed", int), ("run_dir", str)):  # fmt: skip
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind)
@@ -36,22 +38,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=finetune)
 
 
+STRATEGY_FLAGS = ("mode", "freeze_stages", "bn", "lr_decay", "unfreeze_every")
+
+
 def finetune(args: argparse.Namespace) -> int:
+    from resnetlab.errors import ConfigError
+    from resnetlab.train.engine import saved_config
     from resnetlab.transfer import FinetuneStrategy
     from resnetlab.transfer import finetune as run_finetune
 
     overrides = dict(parse_set_option(item) for item in args.set)
     flags = ("epochs", "max_iters", "batch_size", "lr", "image_size", "device", "seed", "run_dir")
     overrides.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
-    source = None if args.source.lower() == "none" else args.source
-    cfg = load_recipe(args.recipe, data=args.data, pretrained=source, progress=not args.json,
-                      **({"model": args.model} if args.model else {}), **overrides)  # fmt: skip
-    strategy = FinetuneStrategy(mode=args.mode, freeze_stages=args.freeze_stages, bn=args.bn,
-                                lr_decay=args.lr_decay, unfreeze_every=args.unfreeze_every)  # fmt: skip
-    result = run_finetune(cfg, strategy)
+    chosen = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k) is not None}
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in ("source", "data", "model", *STRATEGY_FLAGS)
+                 if getattr(args, k) is not None] + (["--recipe"] if args.recipe else [])  # fmt: skip
+        if given:
+            raise ConfigError(f"--resume continues the run with its saved source, data and strategy; drop "
+                              f"{' '.join(given).replace('--source', '--from')}")  # fmt: skip
+        if args.json:
+            overrides.setdefault("progress", False)
+        result = run_finetune(saved_config(args.resume).replace(**overrides), resume=args.resume)
+    else:
+        if args.source is None or args.data is None:
+            raise ConfigError("resnetlab finetune needs --from SOURCE and --data DATASET (or --resume RUN_DIR)")
+        source = None if args.source.lower() == "none" else args.source
+        cfg = load_recipe(args.recipe or "finetune", data=args.data, pretrained=source, progress=not args.json,
+                          **({"model": args.model} if args.model else {}), **overrides)  # fmt: skip
+        result = run_finetune(cfg, FinetuneStrategy(**chosen))
     if args.json:
         print_json({**result.summary(), "history": result.history})
+    elif result.selected == "best-val":
+        test = f"; on the test set {result.test_accuracy:.2f}%" if result.test_accuracy is not None else ""
+        print(f"best val top-1 {result.best_accuracy:.2f}% (the exported model), final {result.final_accuracy:.2f}%"
+              f"{test}; model saved to {result.model_dir}")  # fmt: skip
     else:
-        print(f"best val top-1 {result.best_accuracy:.2f}%, final {result.final_accuracy:.2f}%; "
+        print(f"final model: top-1 {result.final_accuracy:.2f}% (no val split: the test set only grades); "
               f"model saved to {result.model_dir}")  # fmt: skip
     return 0

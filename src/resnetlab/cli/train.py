@@ -23,6 +23,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "val_split": (float, "hold out this fraction (or count) of train to choose the model on (0: the final model)"),
     "device": (str, "auto, cpu, cuda, cuda:N"),
     "amp": (str, "auto, bf16, fp16 or off"),
+    "optimizer_impl": (str, "optimizer kernels: auto (fused where available), fused, foreach or loop"),
     "num_workers": (int, "DataLoader workers for datasets decoded per image"),
     "seed": (int, "random seed"),
     "run_dir": (str, "output folder (default runs/<time>-<model>-<data>)"),
@@ -44,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true", default=None,
                    help="fetch --data cifar10/cifar100 with torchvision when it is not cached (needs internet)")
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="torch.compile the training step; MODE: default, reduce-overhead (CUDA graphs, CUDA "
+                   "only), max-autotune, max-autotune-no-cudagraphs")
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
@@ -85,8 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = [*FLAGS, "download", "channels_last", "compile", "deterministic", "sync_bn", "progress", "auto_resume"]
+    names = [*FLAGS, "download", "channels_last", "deterministic", "sync_bn", "progress", "auto_resume"]
     values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.compile is not None:
+        values.update(compile=True, compile_mode=args.compile)
     values.update(parse_set_option(text) for text in args.set)
     if args.json:
         values.setdefault("progress", False)

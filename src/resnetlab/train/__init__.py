@@ -4,6 +4,7 @@ from resnetlab.train.checkpoint import CheckpointError, load_checkpoint, save_ch
 from resnetlab.train.config import TrainConfig, load_recipe, recipe_names
 from resnetlab.train.engine import (
     StepInfo,
+    TrainHooks,
     TrainingDiverged,
     TrainingInterrupted,
     TrainResult,
@@ -12,6 +13,6 @@ from resnetlab.train.engine import (
 )
 
 __all__ = [
-    "CheckpointError", "StepInfo", "TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted",
-    "evaluate", "load_checkpoint", "load_recipe", "recipe_names", "save_checkpoint", "train",
+    "CheckpointError", "StepInfo", "TrainConfig", "TrainHooks", "TrainResult", "TrainingDiverged",
+    "TrainingInterrupted", "evaluate", "load_checkpoint", "load_recipe", "recipe_names", "save_checkpoint", "train",
 ]  # fmt: skip

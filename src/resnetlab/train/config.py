@@ -17,6 +17,10 @@ import yaml
 
 from resnetlab.errors import ConfigError
 
+#: torch.compile modes; the ones that record CUDA graphs need a CUDA device.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 @dataclass
 class TrainConfig:
@@ -60,6 +64,8 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    optimizer_impl: str = "auto"  # auto (fused where the device has the kernels) | fused | foreach | loop
     data_on_device: bool = True  # small in-memory datasets: DeviceBatches instead of a DataLoader
     num_workers: int = 2
     sync_bn: bool = False
@@ -79,6 +85,7 @@ class TrainConfig:
         choices = {
             "optimizer": ("sgd", "adamw"), "schedule": ("step", "cosine", "constant"),
             "milestone_unit": ("epoch", "iter"), "amp": ("auto", "bf16", "fp16", "off"),
+            "compile_mode": COMPILE_MODES, "optimizer_impl": ("auto", "fused", "foreach", "loop"),
         }  # fmt: skip
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -88,6 +95,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         if self.max_iters is not None and self.max_iters <= 0:
             raise ConfigError(f"max_iters must be positive, got {self.max_iters}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode={self.compile_mode!r} needs compile: true (--compile {self.compile_mode})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,7 +142,7 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
 #: Options a resumed run may change: how it runs and what it reports, not what it computes.
 RESUME_SAFE = frozenset({
     "device", "num_workers", "progress", "tensorboard", "eval_every", "checkpoint_every", "auto_resume",
-    "compile", "channels_last",
+    "compile", "compile_mode", "channels_last",
 })  # fmt: skip
 
 

@@ -28,8 +28,9 @@ from resnetlab.errors import ConfigError, ResNetLabError
 from resnetlab.models import ResNet, ResNetConfig, create_model, save_pretrained
 from resnetlab.train import distributed as dist
 from resnetlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from resnetlab.train.config import TrainConfig, resume_config
+from resnetlab.train.config import CUDA_GRAPH_MODES, TrainConfig, resume_config
 from resnetlab.train.metrics import MetricsLogger, accuracy_counts, plot_curves
+from resnetlab.train.params import parameter_groups
 
 
 class TrainingDiverged(ResNetLabError):
@@ -109,22 +110,73 @@ def build_model(cfg: TrainConfig, bundle: DataBundle) -> ResNet:
     return model
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
-    """Weight decay everywhere, or (``no_decay_norm_bias``) not on norm layers and biases (the 1-D tensors)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not no_decay_norm_bias:
-        return [{"params": trainable, "weight_decay": weight_decay}]
-    return [
-        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
-    ]
+def fused_devices() -> list[str]:
+    """Device types with fused optimizer kernels in this PyTorch (CUDA, CPU, MPS, ... in 2.4+)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - older or newer PyTorch without the helper
+        return ["cuda"]
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+def optimizer_kernels(impl: str, device: torch.device) -> dict[str, bool | None]:
+    """``fused``/``foreach`` arguments for ``optimizer_impl``: ``fused`` updates every parameter in one
+    kernel, ``foreach`` in a few batched ones, ``loop`` one at a time; ``auto`` is fused where the device
+    has the kernels, else PyTorch's own choice."""
+    supported = device.type in fused_devices()
+    if impl == "fused" and not supported:
+        raise ConfigError(f"optimizer_impl=fused: no fused optimizer kernels for {device.type} in this PyTorch; "
+                          "use foreach or loop")  # fmt: skip
+    if impl == "fused" or (impl == "auto" and supported):
+        return {"fused": True}
+    if impl == "foreach":
+        return {"foreach": True}
+    return {"foreach": False} if impl == "loop" else {}
+
+
+def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    kernels = optimizer_kernels(cfg.optimizer_impl, device)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **kernels)
+
+
+class TrainHooks:
+    """What trains, and at which learning rate, as a run goes: the engine's one extension point.
+
+    The default trains every parameter at ``cfg.lr`` (``no_decay_norm_bias`` honoured). Fine-tuning
+    strategies (``resnetlab.transfer``) override it to freeze parts, set per-part learning rates and
+    unfreeze gradually; their state goes into the checkpoint so a resumed run continues the same plan.
+    """
+
+    kind = "train"
+
+    def parameter_groups(self, model: ResNet, cfg: TrainConfig) -> list[dict[str, Any]]:
+        """The optimizer's groups; include every parameter (frozen ones get no gradient and are skipped)."""
+        return parameter_groups(model, cfg.lr, cfg.weight_decay, no_decay_norm_bias=cfg.no_decay_norm_bias)
+
+    def train_mode(self, model: ResNet, epoch: int) -> dict[str, Any]:
+        """Put ``model`` in training mode for ``epoch``: called at the start of every epoch and after every
+        evaluation (which leaves every module in train mode). May change ``requires_grad`` and module
+        modes; returns what to record in the history rows of this epoch."""
+        model.train()
+        return {}
+
+    def export_extra(self) -> dict[str, Any]:
+        """Extra fields for the exported model's config.json."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved plan; a checkpoint of another kind of run is refused by name."""
+        kind = state.get("kind", "train")
+        if kind != self.kind:
+            command = "resnetlab finetune --resume" if kind == "finetune" else "resnetlab train --resume"
+            raise ConfigError(f"this checkpoint is of a {kind!r} run, not a {self.kind!r} one; resume it with "
+                              f"{command} RUN_DIR")  # fmt: skip
 
 
 def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int, depth: int) -> float:
@@ -294,6 +346,14 @@ def find_checkpoint(run_dir_or_file: str | Path) -> Path:
     return path
 
 
+def auto_resume_target(cfg: TrainConfig | None) -> Path | None:
+    """``cfg.run_dir`` when ``cfg.auto_resume`` is set and it holds a checkpoint (a restarted worker)."""
+    if cfg is None or not cfg.auto_resume or not cfg.run_dir:
+        return None
+    path = Path(cfg.run_dir)
+    return path if (path / "checkpoints" / "last.pt").is_file() else None
+
+
 def saved_config(run_dir_or_checkpoint: str | Path) -> TrainConfig:
     """The config of a saved run (to change its ``RESUME_SAFE`` options before resuming it)."""
     path = find_checkpoint(run_dir_or_checkpoint)
@@ -306,34 +366,40 @@ def train(
     resume: str | Path | None = None,
     callbacks: list[Callable[[StepInfo], None]] | None = None,
     bundle: DataBundle | None = None,
+    model: ResNet | None = None,
+    hooks: TrainHooks | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; see ``TrainConfig`` for every option.
 
     ``resume``: a run folder or checkpoint to continue. The run goes on with its saved config; ``cfg``
     (None: the saved one as is) may change only the ``RESUME_SAFE`` options (device, workers, progress,
     ...), any other difference is a ConfigError. ``callbacks`` are called after every optimizer step.
-    ``bundle`` skips ``build_data`` (tests and studies).
+    ``bundle`` skips ``build_data`` (tests and studies). ``model``: a network to train instead of building
+    ``cfg.model`` (fine-tuning's pretrained net with a new head; a resumed run rebuilds it from the
+    checkpoint). ``hooks``: what trains at which lr as the run goes (``TrainHooks``).
     """
+    hooks = hooks or TrainHooks()
     state: dict[str, Any] | None = None
-    if resume is None and cfg is not None and cfg.auto_resume and cfg.run_dir \
-            and (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file():  # fmt: skip
-        resume = cfg.run_dir
+    resume = resume if resume is not None else auto_resume_target(cfg)
     if resume is not None:
         checkpoint_path = find_checkpoint(resume)
         state = load_checkpoint(checkpoint_path)
         cfg = resume_config(state["config"], cfg, checkpoint_path.parent.parent)
+        hooks.load_state_dict(state.get("hooks", {}))
+        if model is not None:
+            raise ConfigError("a resumed run rebuilds its model from the checkpoint; do not pass model=")
     elif cfg is None:
         raise ConfigError("train() needs a TrainConfig, or resume= naming a run to continue")
     dist.setup()
     try:
-        return _train(cfg, state, callbacks or [], bundle)
+        return _train(cfg, state, callbacks or [], bundle, model, hooks)
     finally:
         dist.teardown()
 
 
 def _train(
     cfg: TrainConfig, state: dict[str, Any] | None, callbacks: list[Callable[[StepInfo], None]],
-    bundle: DataBundle | None,
+    bundle: DataBundle | None, given_model: ResNet | None, hooks: TrainHooks,
 ) -> TrainResult:  # fmt: skip
     rank, world = dist.rank(), dist.world_size()
     is_main = rank == 0
@@ -350,7 +416,11 @@ def _train(
         raise ConfigError("SyncBatchNorm needs CUDA GPUs; on CPU use --set model_options={norm_layer: groupnorm}")
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    if state is None and cfg.recipe == "finetune" and not cfg.pretrained:
+    cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
+    if cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(f"compile_mode=reduce-overhead records CUDA graphs, which need a CUDA device (this run "
+                          f"is on {device.type}); use --compile (default mode) here")  # fmt: skip
+    if state is None and given_model is None and cfg.recipe == "finetune" and not cfg.pretrained:
         raise ConfigError(
             "the finetune recipe starts from pretrained weights: pass --pretrained (a weights tag such as "
             "tv_in1k, a weights file or a model folder), or use `resnetlab finetune --from SOURCE` (which also "
@@ -367,19 +437,36 @@ def _train(
     if state is not None:  # the saved architecture; its weights come from the checkpoint, not cfg.pretrained
         model = ResNet(ResNetConfig.from_dict(state["model_config"]), name=state["architecture"])
     else:
-        model = build_model(cfg, bundle)
+        model = given_model if given_model is not None else build_model(cfg, bundle)
     depth = model.config.depth
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    raw_model, train_model = model, model
-    if world > 1:
-        ids = [device] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    raw_model = model
+
+    def wrap(model: ResNet) -> nn.Module:
+        """What the steps run: DDP around the model under torchrun (it registers the parameters that
+        train: rebuilt when the hooks change them), compiled when asked."""
+        wrapped: nn.Module = model
+        if world > 1:
+            ids = [device] if device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if not cfg.compile:
+            return wrapped
+        return torch.compile(wrapped, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+    train_model, trains = wrap(raw_model), [p.requires_grad for p in raw_model.parameters()]
+
+    def enter_train_mode() -> dict[str, Any]:
+        nonlocal train_model, trains
+        info = hooks.train_mode(raw_model, epoch)
+        now = [p.requires_grad for p in raw_model.parameters()]
+        if now != trains and world > 1:
+            train_model = wrap(raw_model)
+        trains = now
+        return info
 
     batches = TrainBatches(cfg, bundle, device, cfg.batch_size // world)
     steps_per_epoch = len(batches)
@@ -388,7 +475,7 @@ def _train(
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    optimizer = build_optimizer(cfg, raw_model)
+    optimizer = build_optimizer(cfg, hooks.parameter_groups(raw_model, cfg), device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch, depth)
     )
@@ -433,6 +520,7 @@ def _train(
             "batch_in_epoch": batch_in_epoch, "best": best, "history": history, "rng": rng_state(),
             "model_config": raw_model.config.to_dict(), "architecture": raw_model.name,
             "seconds": seconds_before + time.perf_counter() - start_time, "images_seen": images_before + images_seen,
+            "hooks": hooks.state_dict(),
         }  # fmt: skip
 
     def save(name: str) -> None:
@@ -450,13 +538,15 @@ def _train(
     if cfg.mixup_alpha or cfg.cutmix_alpha:
         mix = bundle.mixup_cutmix(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
     running = {"loss": 0.0, "correct": 0, "count": 0}
-    train_model.train()
     logger.log_text(f"run directory: {run_dir}; {total_steps} steps, {steps_per_epoch} per epoch, device {device}")
 
     with _StopSignal() as stop:
         while step < total_steps:
             progress = logger.progress(epoch, epochs, steps_per_epoch, batch_in_epoch, cfg.progress and is_main)
+            plan = enter_train_mode()
             for x, y in batches.epoch(epoch, batch_in_epoch):
+                if cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 targets = y
@@ -507,8 +597,9 @@ def _train(
                     if is_main and eval_set is not None:
                         result = evaluate(eval_model, eval_set, device, amp_dtype=amp_dtype, num_workers=eval_workers,
                                           num_classes=bundle.num_classes)  # fmt: skip
-                    history.append(logger.record(step, epoch, lr, running, result, speed))
+                    history.append({**logger.record(step, epoch, lr, running, result, speed), **plan})
                     running = {"loss": 0.0, "correct": 0, "count": 0}
+                    enter_train_mode()  # evaluate() left every module in train mode
                     if result is not None and result["top1"] > best:
                         best = result["top1"]
                         if has_val:  # choosing on the test set would be tuning on it: no best.pt then
@@ -535,7 +626,7 @@ def _train(
     test_accuracy, selected = None, "best-val" if has_val else "final"
     if is_main:
         exported = export_model(cfg, run_dir, model_dir, checkpoint_state(), use_ema=ema is not None,
-                                from_best=has_val, best=best)  # fmt: skip
+                                from_best=has_val, best=best, extra=hooks.export_extra())  # fmt: skip
         plot_curves(history, run_dir / "curves.png")
         if has_val:
             done = f"done: best val top-1 {best:.2f}% (the exported model), final {final:.2f}%"
@@ -554,7 +645,7 @@ def _train(
 
 
 def export_model(cfg: TrainConfig, run_dir: Path, model_dir: Path, current: dict[str, Any], *, use_ema: bool,
-                 from_best: bool, best: float) -> ResNet:  # fmt: skip
+                 from_best: bool, best: float, extra: dict[str, Any] | None = None) -> ResNet:  # fmt: skip
     """Save the run's model as a ``save_pretrained`` folder and return it: the best checkpoint's weights
     (``from_best``: chosen on a val split) or the current ones, EMA weights when kept."""
     best_path = run_dir / "checkpoints" / "best.pt"
@@ -564,5 +655,5 @@ def export_model(cfg: TrainConfig, run_dir: Path, model_dir: Path, current: dict
         weights = {k.removeprefix("module."): v for k, v in source["ema"].items() if k.startswith("module.")}
     model = ResNet(ResNetConfig.from_dict(source["model_config"]), name=source["architecture"])
     model.load_state_dict(weights)
-    save_pretrained(model, model_dir, extra={"trained_with": cfg.to_dict(), "best_top1": best})
+    save_pretrained(model, model_dir, extra={"trained_with": cfg.to_dict(), "best_top1": best, **(extra or {})})
     return model

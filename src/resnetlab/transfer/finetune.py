@@ -1,32 +1,32 @@
 """``finetune(cfg, strategy)``: a pretrained ResNet, a new head for the dataset's classes, and a strategy.
 
-The source (``cfg.pretrained``) is anything ``load_pretrained_source`` understands; the data, schedule,
-batches and evaluation are the training engine's (``resnetlab.train``), so a fine-tuning run takes the
-same options as ``resnetlab train``. The step loop is its own because strategies change which parameters
-train and at which lr while the run goes (the engine's optimizer is fixed at the start).
+The source (``cfg.pretrained``) is anything ``load_pretrained_source`` understands. The run itself is the
+training engine's (``resnetlab.train.train``): the same options as ``resnetlab train``, AMP, EMA, atomic
+checkpoints, resume, SIGINT/SIGTERM, the NaN guard and torchrun. The strategy plugs into the engine as
+its ``TrainHooks``: which parts train in each epoch, their BatchNorm mode and their learning rates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from resnetlab.data import DataBundle, build_data
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.loading import load_model
-from resnetlab.models import ResNet, create_model, save_pretrained
+from resnetlab.models import ResNet, create_model
 from resnetlab.models.registry import WeightsSource, resolve_name
 from resnetlab.models.weights import fetch_weights, load_weights
-from resnetlab.train import TrainConfig, evaluate
-from resnetlab.train.engine import TrainBatches, lr_factor, new_run_dir, resolve_device
+from resnetlab.train import StepInfo, TrainConfig, train
+from resnetlab.train import distributed as dist
+from resnetlab.train.engine import TrainHooks, auto_resume_target, saved_config
 from resnetlab.transfer.strategy import FinetuneStrategy, apply_strategy, parameter_groups
 
 
@@ -40,11 +40,58 @@ class FinetuneResult:
     model_dir: Path
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    test_accuracy: float | None = None  # the exported model on the test set (see TrainResult)
+    selected: str = "final"  # "best-val" or "final" (see TrainResult)
+    steps: int = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"run_dir": str(self.run_dir), "model_dir": str(self.model_dir),
+        return {"run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "steps": self.steps,
                 "best_accuracy": self.best_accuracy, "final_accuracy": self.final_accuracy,
+                "test_accuracy": self.test_accuracy, "selected": self.selected,
                 "seconds": round(self.seconds, 2), **self.extra}  # fmt: skip
+
+
+#: Data settings a fine-tuning run takes from its pretrained model unless given (see ``prepare_data``).
+RESOLVED = ("image_size", "mean", "std")
+
+
+class StrategyHooks(TrainHooks):
+    """A ``FinetuneStrategy`` as the engine's hooks: per-part lrs, and each epoch's frozen parts and BN modes.
+
+    ``strategy=None`` takes the one saved in the checkpoint of the run being resumed.
+    """
+
+    kind = "finetune"
+
+    def __init__(self, strategy: FinetuneStrategy | None, source: str | None = None) -> None:
+        self.strategy, self.source = strategy, source
+
+    def parameter_groups(self, model: ResNet, cfg: TrainConfig) -> list[dict[str, Any]]:
+        return parameter_groups(model, cfg.lr, cfg.weight_decay, self._strategy().lr_decay,
+                                no_decay_norm_bias=cfg.no_decay_norm_bias)  # fmt: skip
+
+    def train_mode(self, model: ResNet, epoch: int) -> dict[str, Any]:
+        model.train()
+        return {"trainable": apply_strategy(model, self._strategy(), epoch)}
+
+    def export_extra(self) -> dict[str, Any]:
+        return {"finetuned_from": self.source, "finetune_strategy": dataclasses.asdict(self._strategy())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "strategy": dataclasses.asdict(self._strategy()), "source": self.source}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        saved = FinetuneStrategy(**state["strategy"])
+        if self.strategy is not None and self.strategy != saved:
+            raise ConfigError(f"the run was fine-tuned with {saved}, not {self.strategy}; resume it without a "
+                              "strategy (the saved one is used), or start a new run")  # fmt: skip
+        self.strategy, self.source = saved, state.get("source")
+
+    def _strategy(self) -> FinetuneStrategy:
+        if self.strategy is None:
+            raise ConfigError("no fine-tuning strategy: pass one, or resume a saved fine-tuning run")
+        return self.strategy
 
 
 def load_pretrained_source(source: str | os.PathLike | None, model: str | None = None, **overrides: Any) -> ResNet:
@@ -133,68 +180,44 @@ def attach_head(model: ResNet, bundle: DataBundle) -> None:
 
 
 def finetune(
-    cfg: TrainConfig, strategy: FinetuneStrategy | None = None, *, bundle: DataBundle | None = None
+    cfg: TrainConfig | None,
+    strategy: FinetuneStrategy | None = None,
+    *,
+    bundle: DataBundle | None = None,
+    resume: str | os.PathLike | None = None,
+    callbacks: list[Callable[[StepInfo], None]] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``cfg.pretrained`` (None: from scratch, the baseline) on ``cfg.data``; see the module doc.
 
-    Uses of ``cfg``: model (architecture for weight files/tags), data, image_size, augment, lr, momentum,
-    weight_decay, optimizer, batch_size, epochs/max_iters, schedule, warmup_iters, label_smoothing,
-    device, seed, run_dir/runs_root. ``bundle`` skips loading ``cfg.data`` (its in_chans adapts conv1).
+    ``cfg`` takes every ``resnetlab train`` option; ``cfg.model`` names the architecture for weight files
+    and tags. ``bundle`` skips loading ``cfg.data`` (its in_chans adapts conv1). ``resume``: a run folder
+    or checkpoint of a fine-tuning run to continue, with its saved strategy (``cfg``, ``strategy``: None,
+    or only the changes ``train(resume=...)`` allows). ``callbacks``: called after every optimizer step.
     """
-    strategy = strategy or FinetuneStrategy()
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    probe = load_pretrained_source(cfg.pretrained, cfg.model)
-    if bundle is None:
-        bundle = prepare_data(cfg, probe)
-    if bundle.in_chans != probe.config.in_chans:  # grey or multispectral data: adapt conv1 while loading
-        probe = load_pretrained_source(cfg.pretrained, cfg.model, in_chans=bundle.in_chans)
-    model = probe
-    attach_head(model, bundle)
-    model.to(device)
-
-    batches = TrainBatches(cfg, bundle, device, cfg.batch_size)
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(bundle.train)} training images")
-    total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
-    groups = parameter_groups(model, cfg.lr, cfg.weight_decay, strategy.lr_decay)
-    optimizer = (torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-                 if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=cfg.lr))  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch, model.config.depth)
-    )
-    eval_set = bundle.val if bundle.val is not None else bundle.test
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir(cfg)
-    model_dir = run_dir / "model"
-    history: list[dict[str, Any]] = []
-    best, step, start = -1.0, 0, time.perf_counter()
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        model.train()
-        trainable = apply_strategy(model, strategy, epoch)
-        loss_sum, seen = 0.0, 0
-        for x, y in batches.epoch(epoch, 0):
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum, seen, step = loss_sum + loss.item() * len(y), seen + len(y), step + 1
-            if step >= total_steps:
-                break
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
-                                  "trainable": trainable}  # fmt: skip
-        if eval_set is not None:
-            result = evaluate(model, eval_set, device, num_classes=bundle.num_classes)
-            record.update(eval_loss=result["loss"], eval_top1=result["top1"])
-            if result["top1"] > best:
-                best = result["top1"]
-                save_pretrained(model, model_dir, extra={"finetuned_from": str(cfg.pretrained), "best_top1": best})
-        history.append(record)
-        if cfg.progress:
-            print(json.dumps(record), flush=True)
-    if best < 0:
-        save_pretrained(model, model_dir, extra={"finetuned_from": str(cfg.pretrained)})
-    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-    final = history[-1].get("eval_top1", float("nan"))
-    return FinetuneResult(model, history, best, final, run_dir, model_dir, time.perf_counter() - start)
+    resume = resume if resume is not None else auto_resume_target(cfg)  # a restarted torchrun worker
+    if resume is not None:
+        if cfg is not None:  # the data settings this run resolved from its model, where cfg leaves them open
+            saved = saved_config(resume)
+            cfg = cfg.replace(**{k: getattr(saved, k) for k in RESOLVED if getattr(cfg, k) is None})
+        result = train(cfg, resume=resume, bundle=bundle, hooks=StrategyHooks(strategy), callbacks=callbacks)
+    else:
+        if cfg is None:
+            raise ConfigError("finetune() needs a TrainConfig, or resume= naming a run to continue")
+        strategy = strategy or FinetuneStrategy()
+        torch.manual_seed(cfg.seed)  # the new head's initialisation
+        model = load_pretrained_source(cfg.pretrained, cfg.model)
+        if bundle is None:
+            bundle = prepare_data(cfg, model)
+        if bundle.in_chans != model.config.in_chans:  # grey or multispectral data: adapt conv1 while loading
+            model = load_pretrained_source(cfg.pretrained, cfg.model, in_chans=bundle.in_chans)
+        attach_head(model, bundle)
+        # the data as prepared for this model, recorded so that a resumed run rebuilds the same splits
+        resolved = {"image_size": bundle.image_size, "mean": list(bundle.mean), "std": list(bundle.std)}
+        cfg = cfg.replace(**{k: v for k, v in resolved.items() if getattr(cfg, k) is None})
+        hooks = StrategyHooks(strategy, None if cfg.pretrained is None else str(cfg.pretrained))
+        result = train(cfg, model=model, bundle=bundle, hooks=hooks, callbacks=callbacks)
+    if dist.rank() == 0:
+        (result.run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+    return FinetuneResult(result.model, result.history, result.best_accuracy, result.final_accuracy,
+                          result.run_dir, result.model_dir, result.seconds, test_accuracy=result.test_accuracy,
+                          selected=result.selected, steps=result.steps)  # fmt: skip

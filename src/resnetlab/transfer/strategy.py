@@ -1,25 +1,23 @@
 """What a fine-tuning run trains: frozen stages, BatchNorm mode, per-stage learning rates, gradual unfreezing.
 
-A ResNet is seen as an ordered list of *parts*: ``stem``, ``layer1`` .. ``layerN``, ``head`` (final norm
-and classifier). Strategies freeze a prefix of that list; discriminative learning rates scale each part's
-lr by ``lr_decay ** (distance from the head)``, as in ULMFiT (Howard & Ruder, 2018).
+A ResNet is seen as an ordered list of *parts* (``resnetlab.train.params.model_parts``): ``stem``,
+``layer1`` .. ``layerN``, ``head``. Strategies freeze a prefix of that list; discriminative learning rates
+scale each part's lr by ``lr_decay ** (distance from the head)`` (``parameter_groups``), as in ULMFiT.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
 
 from resnetlab.errors import ConfigError
 from resnetlab.models import ResNet
 from resnetlab.models.layers import is_norm
+from resnetlab.train.params import model_parts, parameter_groups
+
+__all__ = ["BN_MODES", "MODES", "FinetuneStrategy", "apply_strategy", "model_parts", "parameter_groups"]
 
 MODES = ("linear", "partial", "full")
 BN_MODES = ("train", "eval", "frozen")
-_STEM_MODULES = ("conv1", "bn1", "relu", "maxpool")
-_HEAD_MODULES = ("final_norm", "final_act", "dropout", "fc")
 
 
 @dataclass(frozen=True)
@@ -72,29 +70,6 @@ class FinetuneStrategy:
             return floor
         head = len(model.stage_names) + 1
         return max(floor, head - epoch // self.unfreeze_every)
-
-
-def model_parts(model: ResNet) -> list[tuple[str, list[nn.Module]]]:
-    """``[("stem", ...), ("layer1", ...), ..., ("head", ...)]``: the units that are frozen or get an lr."""
-    stem = [getattr(model, name) for name in _STEM_MODULES]
-    head = [getattr(model, name) for name in _HEAD_MODULES]
-    return [("stem", stem), *((name, [getattr(model, name)]) for name in model.stage_names), ("head", head)]
-
-
-def parameter_groups(model: ResNet, lr: float, weight_decay: float, lr_decay: float = 1.0) -> list[dict[str, Any]]:
-    """One optimizer group per part, with its discriminative lr (``lr_decay ** distance from the head``).
-
-    All parameters are included, frozen or not: frozen ones get no gradient, so the optimizer skips them,
-    and unfreezing later needs no new optimizer.
-    """
-    parts = model_parts(model)
-    groups = []
-    for index, (name, modules) in enumerate(parts):
-        params = [p for m in modules for p in m.parameters()]
-        if params:
-            scale = lr_decay ** (len(parts) - 1 - index)
-            groups.append({"params": params, "lr": lr * scale, "weight_decay": weight_decay, "name": name})
-    return groups
 
 
 def apply_strategy(model: ResNet, strategy: FinetuneStrategy, epoch: int = 0) -> list[str]:
