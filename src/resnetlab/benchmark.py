@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import random
 import resource
 import statistics
 import tempfile
@@ -117,20 +118,23 @@ def _contestant(label: str, model: nn.Module, backend: str, example: torch.Tenso
 
 
 def _time(runs: list[Callable[[torch.Tensor], Any]], x: torch.Tensor, warmup: int, iters: int) -> list[list[float]]:
-    """Time each runner ``iters`` times, interleaved (A, B, A, B, ...) so that a busy machine slows every
-    contestant alike and their ratio stays fair."""
+    """Time each runner ``iters`` times, interleaved so that a busy machine slows every contestant alike and
+    their ratio stays fair. Each round runs them in a fresh (seeded) random order: a runtime's worker threads
+    may keep spinning for a while after it returns (OpenMP does), and whoever always came next would pay."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for run in runs:
         for _ in range(warmup):
             run(x)
     sync()
     times: list[list[float]] = [[] for _ in runs]
+    order, shuffle = list(range(len(runs))), random.Random(0).shuffle
     for _ in range(iters):
-        for run, bucket in zip(runs, times):
+        shuffle(order)
+        for i in order:
             start = time.perf_counter()
-            run(x)
+            runs[i](x)
             sync()
-            bucket.append(time.perf_counter() - start)
+            times[i].append(time.perf_counter() - start)
     return times
 
 
