@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzing import fuzz
 from resnetlab.data import CIFAR10_CLASSES, CIFAR10_MEAN, build_data
 from resnetlab.data.cifar import _frombuffer, _reconstruct, cifar_batch_arrays, read_cifar_pickle
 from resnetlab.errors import DataError
@@ -220,7 +221,7 @@ def _read(data: bytes) -> None:
         cifar_batch_arrays(read_cifar_pickle(data), "labels", 10)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(1000)
 @given(st.binary(max_size=512))
 def test_fuzz_random_bytes_only_raise_data_error(data):
     _read(data)
@@ -229,7 +230,7 @@ def test_fuzz_random_bytes_only_raise_data_error(data):
 _VALID = [pickle.dumps(batch(0, 1), protocol=p) for p in (2, 4, 5)]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(1000)
 @given(st.sampled_from(_VALID), st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=6),
        st.integers(0, 1 << 16))  # fmt: skip
 def test_fuzz_corrupted_batches_only_raise_data_error(valid, edits, cut):

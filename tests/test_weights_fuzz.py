@@ -22,8 +22,6 @@ from resnetlab.errors import WeightsError
 from resnetlab.models.weights import load_pretrained_dir, load_state_dict_file
 from resnetlab.train import load_checkpoint, save_checkpoint
 
-FUZZ = fuzz(300)
-
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
@@ -40,15 +38,15 @@ def _write(path, data: bytes):
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@FUZZ
+@fuzz(1000)
 @given(data=st.binary(max_size=4096), suffix=st.sampled_from([".pth", ".safetensors", ".bin"]))
 def test_random_bytes_only_raise_weights_error(tmp_path_factory, data: bytes, suffix: str) -> None:
-    path = _write(tmp_path_factory.mktemp("f") / f"w{suffix}", data)
+    path = _write(tmp_path_factory.getbasetemp() / f"random{suffix}", data)
     with pytest.raises(WeightsError):
         load_state_dict_file(path)
 
 
-@FUZZ
+@fuzz(300)
 @given(cut=st.floats(0.0, 0.999), flips=st.lists(st.integers(0, 10**9), max_size=8))
 def test_truncated_or_bitflipped_checkpoints(saved_model, tmp_path_factory, cut: float, flips: list[int]) -> None:
     """A damaged file either fails with WeightsError naming it, or loads as tensors; inside a

@@ -12,11 +12,13 @@ root are skipped with a warning unless ``follow_symlinks=True``.
 from __future__ import annotations
 
 import io
+import lzma
 import os
 import stat
 import tarfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
@@ -172,7 +174,7 @@ class ZipStore(_ArchiveStore):
         dirs: set[str] = set()
         for info in self._zip().infolist():
             name = safe_member_name(info.filename, path)
-            if info.is_dir() or not name:
+            if not name or info.is_dir():  # (is_dir fails on an empty name)
                 if name:
                     dirs.add(name)
                 continue
@@ -188,7 +190,7 @@ class ZipStore(_ArchiveStore):
         if self._handle is None or self._pid != os.getpid():
             try:
                 self._handle = zipfile.ZipFile(self.path)
-            except (OSError, zipfile.BadZipFile, ValueError) as err:
+            except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError) as err:
                 raise DataError(f"cannot read zip archive {self.path}: {err}") from err
             self._pid = os.getpid()
         return self._handle  # type: ignore[return-value]
@@ -245,7 +247,7 @@ class TarStore(_ArchiveStore):
                     self._members[name] = member
                     if self.compressed:
                         self._contents[name] = archive.extractfile(member).read()  # type: ignore[union-attr]
-        except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+        except (OSError, tarfile.TarError, EOFError, ValueError, lzma.LZMAError, zlib.error) as err:
             raise DataError(f"cannot read tar archive {path}: {err}") from err
         self.names = list(self._members)
         self.empty_dirs = _empty_dirs(dirs, self.names)  # an empty class is an error, as for folders
@@ -263,12 +265,15 @@ class TarStore(_ArchiveStore):
     def open(self, name: str) -> BinaryIO:
         if self.compressed:
             return io.BytesIO(self._contents[name])
-        if self._handle is None or self._pid != os.getpid():
-            self._handle, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115 - kept open
         member = self._members[name]
-        handle: BinaryIO = self._handle  # type: ignore[assignment]
-        handle.seek(member.offset_data)
-        data = handle.read(member.size)
+        try:
+            if self._handle is None or self._pid != os.getpid():
+                self._handle, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115 - kept open
+            handle: BinaryIO = self._handle  # type: ignore[assignment]
+            handle.seek(member.offset_data)
+            data = handle.read(member.size)
+        except OSError as err:
+            raise DataError(f"cannot read {self.describe(name)}: {err}") from err
         if len(data) != member.size:
             raise DataError(f"cannot read {self.describe(name)}: archive is truncated")
         return io.BytesIO(data)
