@@ -207,9 +207,14 @@ def test_study_commands_write_their_outputs(tmp_path, capsys) -> None:
         == {("plain8", s) for s in (1, 2, 4)}  # fmt: skip
     assert {int(r["layer"]) for r in tables["gradients.csv"] if r["model"] == "resnet14"} == set(range(13))
 
-    assert main(["study", "degradation", "--depths", "8,14", "--max-iters", "6", "--eval-every", "3",
-                 "--subset", "256", "--test-subset", "100", "--out", str(tmp_path / "d"), *common]) == 0  # fmt: skip
+    degradation = ["study", "degradation", "--depths", "8,14", "--max-iters", "6", "--eval-every", "3",
+                   "--subset", "256", "--test-subset", "100", "--out", str(tmp_path / "d"), *common]  # fmt: skip
+    assert main(degradation) == 0
     deg, tables, report = _outputs(tmp_path / "d", capsys.readouterr().out, ("curves.csv", "degradation.png"))
+    assert deg["resumed"] == []
+    assert main([*degradation, "--resume"]) == 0  # finished runs are collected, not trained again
+    again = json.loads(capsys.readouterr().out)
+    assert sorted(again["resumed"]) == sorted(deg["final"]) and again["final"] == deg["final"]
     assert set(deg["final"]) == {"plain8", "plain14", "resnet8", "resnet14"}
     assert isinstance(deg["plain_deeper_trains_worse"], bool) and deg["iterations"] == 6
     assert {(r["model"], r["step"]) for r in tables["curves.csv"]} == {
