@@ -15,6 +15,7 @@ import resnetlab
 from resnetlab.backbones import dilated_backbone, freeze_layers, resnet_fpn_backbone
 from resnetlab.errors import ConfigError
 from resnetlab.models import convert_state_dict, load_weights
+from resnetlab.models.layers import is_norm
 
 NARROW = dict(widths=(8, 16, 32, 64), stem_channels=8)  # resnet18 layout, 8x narrower: fast on CPU
 SIZE = 64
@@ -128,3 +129,25 @@ def test_torchvision_detection_checkpoint_backbone_loads_into_resnetlab_resnet50
     assert list(expected) == list(got)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key])
+
+
+def test_fpn_backbone_norms_are_frozen_by_default_and_trainable_on_request() -> None:
+    frozen = resnet_fpn_backbone("resnet18", trainable_layers=5, **NARROW)
+    norms = [m for m in frozen.body.modules() if is_norm(m)]
+    assert {type(m) for m in norms} == {FrozenBatchNorm2d}  # torchvision's detection default
+    assert not any(list(m.parameters()) for m in norms)  # statistics and affine are buffers: nothing trains
+    trained = resnet_fpn_backbone("resnet18", trainable_layers=5, norm_layer="batchnorm", **NARROW)
+    assert {type(m) for m in trained.body.modules() if is_norm(m)} == {torch.nn.BatchNorm2d}
+
+
+def test_fpn_over_a_dilated_resnet_keeps_the_last_stages_at_stride_16() -> None:
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone("resnet18", output_stride=16, out_channels=32, **NARROW).eval()
+    with torch.no_grad():
+        features = backbone(torch.rand(1, 3, SIZE, SIZE))
+    sides = {name: f.shape[-1] for name, f in features.items()}
+    # layer1..4 at strides 4, 8, 16, 16 (layer4 dilated instead of strided), then the max-pooled extra level
+    assert sides == {"0": SIZE // 4, "1": SIZE // 8, "2": SIZE // 16, "3": SIZE // 16, "pool": SIZE // 32}
+    assert all(f.shape[1] == 32 for f in features.values())
+    dilations = {m.dilation for m in backbone.body.layer4.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert (2, 2) in dilations

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import io
 import os
+import struct
 import tarfile
+import tempfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
-from resnetlab.data import build_data, open_store
+from fuzzing import fuzz
+from resnetlab.data import build_data, open_store, stores
 from resnetlab.data.folders import index_image_folder
 from resnetlab.errors import DataError
 
@@ -228,3 +236,250 @@ def test_empty_class_folder_is_an_error(tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "train" / "ants" / "a.png")
     with pytest.raises(DataError, match=r"train/bees .*has no images"):
         build_data(tmp_path)
+
+
+# ---------------------------------------------------------------------------- decompression bombs
+def refused_with_peak(action) -> tuple[str, int]:
+    """``action()`` must raise DataError: its message, and the peak Python/numpy heap allocation meanwhile."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as caught:
+            action()
+        return str(caught.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tar_gz_bomb_is_refused_before_its_members_are_read(tmp_path, monkeypatch):
+    """A real bomb: 64 MiB of zeros in a ~65 KB .tar.gz, with a 16 MiB limit on what may be held in memory."""
+    monkeypatch.setattr(stores, "MAX_IN_MEMORY_BYTES", 16 << 20)
+    path = write_tar(tmp_path / "bomb.tar.gz", {**files(), "pets/train/cat/zeros.png": bytes(64 << 20)}, "w:gz")
+    assert path.stat().st_size < 200_000
+    message, peak = refused_with_peak(lambda: open_store(path))
+    assert "bomb.tar.gz" in message and "repack it" in message and peak < 2 << 20
+
+
+def test_tar_gz_of_many_small_members_counts_towards_the_limit(tmp_path, monkeypatch):
+    """Millions of empty members are a bomb too: each costs memory to index."""
+    monkeypatch.setattr(stores, "MAX_IN_MEMORY_BYTES", 1 << 20)
+    path = write_tar(tmp_path / "many.tar.gz", {f"pets/train/cat/{i}.png": b"" for i in range(2000)}, "w:gz")
+    with pytest.raises(DataError, match="add up to more than"):
+        open_store(path)
+    monkeypatch.setattr(stores, "MAX_IN_MEMORY_BYTES", 4 << 20)  # the same archive under a larger limit
+    assert len(open_store(path).names) == 2000
+
+
+@pytest.mark.parametrize("suffix", ["tar", "tar.gz"])
+def test_tar_member_declaring_an_absurd_size_is_refused_without_reading(tmp_path, suffix):
+    """A header that declares 2 GiB followed by nothing: refused from the header alone."""
+    header = tarfile.TarInfo("pets/train/cat/huge.png")
+    header.size = 2 << 30
+    raw = header.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024)
+    path = tmp_path / f"huge.{suffix}"
+    path.write_bytes(raw if suffix == "tar" else gzip.compress(raw))
+    message, peak = refused_with_peak(lambda: open_store(path))
+    assert f"huge.{suffix}" in message and "refusing" in message and peak < 1 << 20
+
+
+def _zip_declaring(path: Path, data: bytes, declared: int, compression: int) -> Path:
+    """A one-member zip whose headers claim ``declared`` uncompressed bytes (the content is ``data``)."""
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        archive.writestr("pets/train/cat/x.png", data)
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    raw[22:26] = struct.pack("<I", declared)  # the local header is at offset 0
+    raw[central + 24 : central + 28] = struct.pack("<I", declared)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_zip_bomb_member_is_refused_before_it_is_decompressed(tmp_path, monkeypatch):
+    monkeypatch.setattr(stores, "MAX_MEMBER_BYTES", 1 << 20)
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("pets/train/cat/zeros.png", bytes(32 << 20))  # 32 MiB -> ~32 KB
+        archive.writestr("pets/train/cat/ok.png", png((1, 2, 3)))
+    assert (tmp_path / "bomb.zip").stat().st_size < 100_000
+    store = open_store(tmp_path / "bomb.zip")
+    message, peak = refused_with_peak(lambda: store.open("pets/train/cat/zeros.png"))
+    assert "zeros.png: it declares 33554432 bytes" in message and peak < 1 << 20
+    assert store.open("pets/train/cat/ok.png").read() == png((1, 2, 3))  # the rest of the archive still reads
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+@pytest.mark.parametrize("declared", [100, (8 << 20) + 1], ids=["declares-less", "declares-more"])
+def test_zip_member_whose_content_is_not_its_declared_size_is_refused(tmp_path, compression, declared):
+    """Declared sizes that lie are caught: from the headers alone when stored; when compressed, by never
+    decompressing past the declared size (then the CRC fails) or by counting what came out. Either way a
+    DataError naming the member, and memory bounded by the declared size, not by what the member holds."""
+    path = _zip_declaring(tmp_path / "lying.zip", bytes(8 << 20), declared, compression)
+    store = open_store(path)
+    message, peak = refused_with_peak(lambda: store.open("pets/train/cat/x.png"))
+    assert "lying.zip:pets/train/cat/x.png" in message
+    assert "declares" in message or "CRC" in message
+    # never more than the declared size (plus copies while it is assembled) and the compressed bytes
+    assert peak < 3 * declared + path.stat().st_size + (1 << 20)
+    if declared == 100:
+        assert peak < 1 << 20  # 8 MiB inside, 100 bytes declared: the 8 MiB never exist in memory
+
+
+# ---------------------------------------------------------------------------- fuzzing
+# Only DataError (and warnings about skipped files) may come out of the readers, whatever the input.
+_PART = st.one_of(
+    st.sampled_from(["train", "val", "test", "cat", "dog", "sub", ".hidden", "__MACOSX", "a b", "ü", "C:", "~"]),
+    st.text(st.characters(blacklist_characters="/\\\0", blacklist_categories=("Cs",)), min_size=1, max_size=12),
+).filter(lambda p: p not in (".", ".."))
+_EXT = st.sampled_from([".png", ".jpg", ".JPEG", ".txt", "", ".gif", ".bmp"])
+_HOSTILE = st.sampled_from(["../evil.png", "/abs/evil.png", "a/../../evil.png", "..\\evil.png", "C:\\evil.png",
+                            "a/./b.png", "./a/b.png", "a//b.png", "", ".", "a/"])  # fmt: skip
+
+
+def _bomb_header() -> bytes:
+    """A valid small PNG whose header declares 100,000 x 100,000 pixels."""
+    data = bytearray(png((0, 0, 0)))
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    return bytes(data)
+
+
+_SAMPLE_PNG = png((1, 2, 3), size=(12, 12))
+_CONTENT = st.one_of(
+    st.sampled_from([png((200, 10, 10)), png((10, 200, 10), size=(5, 9)), png((0, 0, 0), size=(1, 1)), b"",
+                     _bomb_header()]),
+    st.integers(0, len(_SAMPLE_PNG) - 1).map(lambda n: _SAMPLE_PNG[:n]),  # truncated
+    st.binary(max_size=64),
+)  # fmt: skip
+
+
+_MEMBERS = st.lists(
+    st.tuples(
+        st.one_of(st.builds(lambda parts, ext: "/".join(parts) + ext, st.lists(_PART, min_size=1, max_size=4), _EXT),
+                  _HOSTILE),
+        st.sampled_from(["file", "file", "file", "dir", "symlink", "hardlink", "fifo"]),
+        _CONTENT,
+    ),
+    max_size=8,
+)  # fmt: skip
+
+
+def _archive(path: Path, kind: str, members: list[tuple[str, str, bytes]]) -> Path:
+    """An archive of arbitrary members (names unchecked, links pointing anywhere), as a stranger may send."""
+    buffer = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for name, member_type, data in members:
+                info = zipfile.ZipInfo(name + ("/" if member_type == "dir" and not name.endswith("/") else ""))
+                if member_type == "symlink":
+                    info.create_system, info.external_attr, data = 3, 0o120777 << 16, b"../../etc/passwd"
+                archive.writestr(info, b"" if member_type == "dir" else data)
+    else:
+        with tarfile.open(fileobj=buffer, mode={"tar": "w", "tar.gz": "w:gz"}[kind], format=tarfile.GNU_FORMAT) as tar:
+            for name, member_type, data in members:
+                info = tarfile.TarInfo(name)
+                info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                             "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE}[member_type]  # fmt: skip
+                info.linkname = "/etc/passwd" if member_type in ("symlink", "hardlink") else ""
+                info.size = len(data) if member_type == "file" else 0
+                tar.addfile(info, io.BytesIO(data) if member_type == "file" else None)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def _read_everything(path: Path) -> None:
+    """Open the store, check every name is a safe relative path, read every member, index the folder."""
+    try:
+        store = open_store(path)
+    except DataError:
+        return
+    for name in store.names:
+        parts = name.split("/")
+        assert not name.startswith("/") and ".." not in parts and "\\" not in name and ":" not in parts[0][1:2]
+        try:
+            with store.open(name) as stream:
+                stream.read()
+        except DataError as err:
+            assert name in str(err)
+    with contextlib.suppress(DataError):
+        index_image_folder(store.names, where=str(path))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@fuzz(1000)
+@given(kind=st.sampled_from(["zip", "tar", "tar.gz"]), members=_MEMBERS)
+def test_fuzz_archives_of_arbitrary_members(tmp_path_factory, kind: str, members) -> None:
+    outer = tmp_path_factory.getbasetemp() / "fuzz-archives"
+    folder = outer / "inner"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = _archive(folder / f"a.{kind}", kind, members)
+    before = sorted(outer.rglob("*"))
+    _read_everything(path)
+    assert sorted(outer.rglob("*")) == before  # nothing extracted, beside the archive or above it
+
+
+_VALID_ARCHIVES: dict[str, bytes] = {}
+
+
+def _valid_archive(kind: str) -> bytes:
+    if kind not in _VALID_ARCHIVES:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"v.{kind}"
+            if kind == "zip":
+                write_zip(path, files())
+            else:
+                write_tar(path, files(), {"tar": "w", "tar.gz": "w:gz", "tar.xz": "w:xz"}[kind])
+            _VALID_ARCHIVES[kind] = path.read_bytes()
+    return _VALID_ARCHIVES[kind]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@fuzz(1000)
+@given(kind=st.sampled_from(["zip", "tar", "tar.gz", "tar.xz"]), cut=st.one_of(st.none(), st.floats(0, 1)),
+       edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=8))  # fmt: skip
+def test_fuzz_damaged_archives(tmp_path_factory, kind: str, cut, edits) -> None:
+    data = bytearray(_valid_archive(kind))
+    if cut is not None:
+        data = data[: int(len(data) * cut)]
+    for position, value in edits:
+        if data:
+            data[position % len(data)] = value
+    path = tmp_path_factory.getbasetemp() / f"damaged.{kind}"
+    path.write_bytes(bytes(data))
+    _read_everything(path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@fuzz(500)
+@given(members=_MEMBERS, links=st.lists(st.tuples(_PART, st.sampled_from(["inside", "outside", "loop"])), max_size=3),
+       cache=st.booleans())  # fmt: skip
+def test_fuzz_image_folder_directories(tmp_path_factory, members, links, cache: bool) -> None:
+    """Arbitrary folder trees (odd names, non-images, truncated images, bomb headers, empty folders, symlinks
+    inside, outside and in loops) through build_data and every item: a dataset, or one DataError."""
+    base = tmp_path_factory.mktemp("tree")
+    root, outside = base / "root", base / "outside"
+    write_dir(outside, {"secret/0.png": png((9, 9, 9))})
+    root.mkdir(parents=True)
+    for name, member_type, data in members:
+        target = root / name.replace("\\", "_").lstrip("/")
+        if not name.strip("/") or ".." in Path(name).parts or name.startswith("/"):
+            continue  # the folder case only holds names a file system can
+        with contextlib.suppress(OSError):  # a name clashing with an existing file or folder
+            if member_type == "dir":
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+    for name, where in links:
+        with contextlib.suppress(OSError):
+            source = {"inside": root, "outside": outside / "secret", "loop": base}[where]
+            (root / name).symlink_to(source, target_is_directory=True)
+    try:
+        bundle = build_data(root, cache=cache, augment="none", image_size=8)
+    except DataError:
+        return
+    for dataset in (bundle.train, bundle.val, bundle.test):
+        for i in range(len(dataset) if dataset is not None else 0):
+            try:
+                image, target = dataset[i]
+            except DataError:
+                continue
+            assert image.shape == (3, 8, 8) and 0 <= target < len(bundle.classes)
+    store = open_store(root)
+    assert not any(n.startswith("secret") or "/secret/" in n for n in store.names)  # outside links not followed

@@ -7,16 +7,18 @@ import io
 import pickle
 import struct
 import tarfile
+import tracemalloc
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzing import fuzz
 from resnetlab.data import CIFAR10_CLASSES, CIFAR10_MEAN, build_data
-from resnetlab.data.cifar import cifar_batch_arrays, read_cifar_pickle
+from resnetlab.data.cifar import _frombuffer, _reconstruct, cifar_batch_arrays, read_cifar_pickle
 from resnetlab.errors import DataError
 
 PER_BATCH = 4
@@ -164,12 +166,62 @@ def test_truncated_batch_file(tmp_path):
         build_data(folder)
 
 
+class Reduces:
+    """Pickles as ``func(*args)`` followed, when ``state`` is given, by BUILD ``state`` (what numpy arrays do)."""
+
+    def __init__(self, func, args, state=None) -> None:
+        self.reduced = (func, args) if state is None else (func, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def _empty_array(state) -> Reduces:  # how numpy pickles an array: an empty one, then its state
+    return Reduces(_reconstruct, (np.ndarray, (0,), b"b"), state)
+
+
+_BOMBS = {
+    # an object array with a lying shape: 1.2 GB of pointers for a ~220-byte file (and numpy 2.4's own
+    # __setstate__ crashes the process on it)
+    "object-array": _empty_array((1, (150_000_000,), np.dtype("O"), False, [None])),
+    "short-data": _empty_array((1, (150_000_000,), np.dtype("u1"), False, b"x")),
+    "over-cifar-size": _empty_array((1, (200_000, 3072), np.dtype("u1"), False, b"")),
+    "void-dtype": _empty_array((1, (1,), np.dtype("V1000000000"), False, b"")),
+    "ndarray-called": Reduces(np.ndarray, ((1_200_000_000,), "u1")),
+    "reconstruct-shape": Reduces(_reconstruct, (np.ndarray, (1_200_000_000,), b"b")),
+    "frombuffer-shape": Reduces(_frombuffer, (b"x", np.dtype("u1"), (150_000_000,), "C")),
+}
+
+
+@pytest.mark.parametrize("name", list(_BOMBS))
+def test_array_bombs_are_refused_before_allocation(name):
+    """A few hundred bytes that would make numpy allocate (or crash on) gigabytes: refused from the shape
+    and dtype, with the peak allocation far below the size asked for."""
+    data = pickle.dumps({b"data": _BOMBS[name], b"labels": [0]}, protocol=2)
+    assert len(data) < 400
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="bomb_batch"):
+            read_cifar_pickle(data, name="bomb_batch")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_largest_official_array_is_still_accepted():
+    """The size check matches the CIFAR layout: CIFAR-100's 50,000 x 3,072 training array loads."""
+    data = {b"data": np.zeros((50_000, 3072), np.uint8), b"fine_labels": [0] * 50_000}
+    images, labels = cifar_batch_arrays(read_cifar_pickle(pickle.dumps(data, protocol=4)), "fine_labels", 100)
+    assert images.shape == (50_000, 3, 32, 32) and len(labels) == 50_000 and type(images) is np.ndarray
+
+
 def _read(data: bytes) -> None:
     with contextlib.suppress(DataError):
         cifar_batch_arrays(read_cifar_pickle(data), "labels", 10)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(1000)
 @given(st.binary(max_size=512))
 def test_fuzz_random_bytes_only_raise_data_error(data):
     _read(data)
@@ -178,7 +230,7 @@ def test_fuzz_random_bytes_only_raise_data_error(data):
 _VALID = [pickle.dumps(batch(0, 1), protocol=p) for p in (2, 4, 5)]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(1000)
 @given(st.sampled_from(_VALID), st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=6),
        st.integers(0, 1 << 16))  # fmt: skip
 def test_fuzz_corrupted_batches_only_raise_data_error(valid, edits, cut):

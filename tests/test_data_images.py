@@ -9,10 +9,11 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from fuzzing import fuzz
 from resnetlab.data import load_image, probe_image
 from resnetlab.errors import DataError
 
@@ -134,7 +135,7 @@ def test_decompression_bomb_refused_before_decoding():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(1000)
 @given(st.binary(max_size=1024))
 def test_fuzz_random_bytes_only_raise_data_error(data):
     with contextlib.suppress(DataError):
@@ -145,7 +146,7 @@ _SEEDS = [encode(Image.new("RGB", (8, 8), (9, 99, 199)), fmt) for fmt in ("PNG",
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(1000)
 @given(st.sampled_from(_SEEDS), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8))
 def test_fuzz_corrupted_images_only_raise_data_error(seed, edits):
     data = bytearray(seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,16 @@ from PIL import Image
 
 import resnetlab
 from resnetlab.cli.main import main
-from resnetlab.errors import InputError
+from resnetlab.errors import DataError, InputError
 from resnetlab.inference import Predictor
-from resnetlab.transfer.features import Embeddings, capture_outputs, extract_features, nearest, pooled_features
+from resnetlab.transfer.features import (
+    Embeddings,
+    capture_outputs,
+    extract_features,
+    nearest,
+    pooled_features,
+    probe_embeddings,
+)
 
 TINY = dict(widths=(4, 8, 16), stem_channels=4, input_size=(3, 16, 16), crop_pct=1.0)
 
@@ -104,3 +112,85 @@ def test_cli_features_then_similar(model_dir: Path, images: Path, tmp_path: Path
     # the same pixels: a copy, and the RGBA version (opaque alpha is dropped by load_image)
     assert {Path(m["file"]).name for m in result["matches"]} == {"rgb.png", "rgb_copy.png", "alpha.png"}
     assert all(m["score"] == pytest.approx(1.0, abs=1e-5) for m in result["matches"])
+
+
+def test_save_keeps_dotted_names_and_load_finds_them(tmp_path: Path) -> None:
+    embeddings = Embeddings(np.ones((2, 3), np.float32), ["a.png", "b.png"])
+    saved = embeddings.save(tmp_path / "emb.v2")
+    assert saved == tmp_path / "emb.v2.npy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.v2.csv", "emb.v2.json", "emb.v2.npy"]
+    assert Embeddings.load(tmp_path / "emb.v2").files == ["a.png", "b.png"]
+    assert Embeddings.load(saved).files == ["a.png", "b.png"]
+
+
+def test_parquet_without_pandas_is_a_clear_error(model_dir: Path, images: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as on a machine without the parquet extra
+    out = tmp_path / "emb.parquet"
+    assert main(["features", "--from", str(model_dir), str(images / "rgb.png"), "--out", str(out), "--json"]) == 1
+    assert "pip install 'resnetlab[parquet]'" in json.loads(capsys.readouterr().out)["message"]
+    assert not out.exists()
+
+
+@pytest.mark.slow  # traces and loads TorchScript
+def test_features_of_an_exported_model_is_a_clear_error(model_dir: Path, images: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    from resnetlab.export import export_model
+
+    artifact = export_model(resnetlab.from_pretrained(model_dir), tmp_path / "model.pt", "torchscript")
+    code = main(["features", "--from", str(artifact), str(images / "rgb.png"), "--out", str(tmp_path / "e"),
+                 "--json"])  # fmt: skip
+    assert code == 1
+    assert "run or model folder it was exported from" in json.loads(capsys.readouterr().out)["message"]
+
+
+def _labelled(rng: np.random.Generator, split: str, count: int) -> Embeddings:
+    """Two classes around different centres in 8 dims, named like an ImageFolder (``split/class/i.png``)."""
+    centres = {"ants": np.eye(8)[0] * 3, "bees": np.eye(8)[1] * 3}
+    files, vectors = [], []
+    for name, centre in centres.items():
+        for i in range(count):
+            files.append(f"{split}/{name}/{i}.png")
+            vectors.append(centre + rng.normal(0, 1, 8))
+    return Embeddings(np.array(vectors, np.float32), files)
+
+
+def test_probe_embeddings_scores_separable_classes_high_and_shuffled_ones_near_chance() -> None:
+    rng = np.random.default_rng(0)
+    train, val = _labelled(rng, "train", 40), _labelled(rng, "val", 40)
+    result = probe_embeddings(train, val, ks=(1, 5))
+    assert result["classes"] == ["ants", "bees"] and result["majority"] == 50.0
+    assert result["logistic_regression"] >= 95 and min(result["knn"].values()) >= 90
+    assert min(result["retrieval"].values()) >= 85
+    swapped = Embeddings(val.vectors, [f.replace("ants", "x").replace("bees", "ants").replace("x", "bees")
+                                       for f in val.files])  # every val label wrong: the probes must see it
+    wrong = probe_embeddings(train, swapped, ks=(1, 5))
+    assert wrong["logistic_regression"] <= 5 and max(wrong["knn"].values()) <= 10
+    assert max(wrong["retrieval"].values()) <= 15
+    with pytest.raises(DataError, match="do not occur in train"):
+        probe_embeddings(train, Embeddings(val.vectors[:1], ["val/wasps/0.png"]))
+
+
+def test_cli_probe_retrieval_matches_what_similar_returns(model_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 4)):
+        for label, channel in (("red", 0), ("blue", 2)):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 100, (16, 16, 3), dtype=np.uint8)
+                pixels[..., channel] += 150
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{i}.png")
+    for split in ("train", "val"):
+        assert main(["features", "--from", str(model_dir), str(tmp_path / split), "--out",
+                     str(tmp_path / f"{split}.npy"), "--json"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["probe", "--train", str(tmp_path / "train.npy"), "--val", str(tmp_path / "val.npy"),
+                 "-k", "1", "3", "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["train"] == 12 and result["val"] == 8 and set(result["knn"]) == {"1", "3"}
+    assert main(["similar", str(tmp_path / "val"), "--index", str(tmp_path / "train.npy"), "-k", "1", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["results"]
+    same = [Path(r["query"]).parent.name == Path(r["matches"][0]["file"]).parent.name for r in found]
+    assert result["retrieval"]["1"] == pytest.approx(100 * sum(same) / len(same))

@@ -10,6 +10,7 @@ import torch
 import resnetlab
 from resnetlab.errors import ConfigError, InputError, UnknownModelError, WeightsError
 from resnetlab.models import MODELS, ZeroPadShortcut, count_params
+from resnetlab.models.registry import plain_twin_name
 from resnetlab.models.weights import adapt_input_conv
 
 PAPER_MODELS = [n for n, e in MODELS.items() if e.reference_params and e.params_source != "torchvision"]
@@ -55,21 +56,39 @@ def test_zero_pad_shortcut_subsamples_and_pads_both_sides() -> None:
     assert y[:, :2].abs().sum() == 0 and y[:, 4:].abs().sum() == 0
 
 
-@pytest.mark.parametrize(("shortcut", "projections"), [("A", 0), ("B", 2), ("C", 9), ("none", 0)])
-def test_shortcut_options(shortcut: str, projections: int) -> None:
-    model = resnetlab.create_model("resnet20", shortcut=shortcut)
+@pytest.mark.parametrize(
+    ("name", "shortcut", "projections"),
+    [
+        # CIFAR ResNet-20: 9 blocks, the shape changes in 2 of them
+        ("resnet20", "A", 0), ("resnet20", "B", 2), ("resnet20", "C", 9), ("resnet20", "none", 0),
+        # ResNet-18 (basic): 8 blocks, 3 change shape; ResNet-50 (bottleneck): 16 blocks, 4 change shape
+        ("resnet18", "A", 0), ("resnet18", "B", 3), ("resnet18", "C", 8),
+        ("resnet50", "A", 0), ("resnet50", "B", 4), ("resnet50", "C", 16),
+    ],
+)  # fmt: skip
+def test_shortcut_options(name: str, shortcut: str, projections: int) -> None:
+    model = resnetlab.create_model(name, shortcut=shortcut).eval()
     convs = [b for b in model.blocks() if isinstance(b.downsample, torch.nn.Sequential)]
     assert len(convs) == projections
     assert all(b.use_shortcut == (shortcut != "none") for b in model.blocks())
-    model(torch.randn(1, 3, 32, 32))
+    zero_pads = [b for b in model.blocks() if isinstance(b.downsample, ZeroPadShortcut)]
+    shape_changes = {"resnet20": 2, "resnet18": 3, "resnet50": 4}[name]  # = option B's projections
+    assert len(zero_pads) == (shape_changes if shortcut == "A" else 0)
+    size = model.config.input_size[-1] if name == "resnet20" else 64
+    assert model(torch.randn(1, 3, size, size)).shape == (1, model.config.num_classes)
 
 
-def test_plain_twin_has_the_same_parameters_as_option_a_resnet() -> None:
-    for depth in (20, 56):
-        assert count_params(resnetlab.create_model(f"plain{depth}")) == count_params(
-            resnetlab.create_model(f"resnet{depth}")
-        )
-    assert count_params(resnetlab.create_model("plain34")) < count_params(resnetlab.create_model("resnet34"))
+def test_every_model_has_a_plain_twin() -> None:
+    """plain20 is resnet20 without shortcuts, and so on for every residual net of the table."""
+    residual = [n for n in MODELS if "plain" not in n]
+    for name in residual:
+        twin = plain_twin_name(name)
+        assert twin in MODELS, name
+        assert {**MODELS[name].config, "shortcut": "none"} == MODELS[twin].config
+    assert len(MODELS) == 2 * len(residual)
+    assert {plain_twin_name(n) for n in ("resnet56", "resnet34", "preact_resnet164", "wrn28_10")} == {
+        "plain56", "plain34", "preact_plain164", "plain_wrn28_10"
+    }
 
 
 def test_stride_placement_v1_vs_v15() -> None:
@@ -99,7 +118,7 @@ def test_resnet_d_structure() -> None:
 def test_preact_wrn_resnext_cifar() -> None:
     x = torch.randn(2, 3, 32, 32)
     for name in ("preact_resnet110", "wrn16_4", "resnext29_8x64d"):
-        model = resnetlab.create_model(name, widths=None) if False else resnetlab.create_model(name)
+        model = resnetlab.create_model(name)
         assert model(x).shape == (2, 10), name
     wrn = resnetlab.create_model("wrn16_8", block_dropout=0.3)
     assert wrn.layer1[0].dropout.p == 0.3

@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 import resnetlab
+from resnetlab.models import MODELS
 from resnetlab.models.registry import TORCHVISION_PARAMS
 from resnetlab.models.weights import convert_state_dict, load_weights
 
@@ -49,7 +50,13 @@ def test_torchvision_parity(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("timm_name", "our_name"),
-    [("resnet50d", "resnet50d"), ("resnet18d", "resnet18d"), ("resnetv2_50", "preact_resnet50")],
+    [
+        ("resnet50d", "resnet50d"),
+        ("resnet18d", "resnet18d"),
+        ("resnet50c", "resnet50c"),
+        ("resnetv2_50", "preact_resnet50"),
+        ("resnetv2_18", "preact_resnet18"),
+    ],
 )
 def test_timm_parity(timm_name: str, our_name: str) -> None:
     timm = pytest.importorskip("timm")
@@ -67,30 +74,62 @@ def test_timm_parity(timm_name: str, our_name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("layer_type", "hidden", "depths", "our_name"),
+    ("layer_type", "hidden", "depths", "our_name", "overrides"),
     [
-        ("bottleneck", [256, 512, 1024, 2048], [3, 4, 6, 3], "resnet50"),
-        ("basic", [64, 128, 256, 512], [2, 2, 2, 2], "resnet18"),
+        ("bottleneck", [256, 512, 1024, 2048], [3, 4, 6, 3], "resnet50", {}),
+        ("basic", [64, 128, 256, 512], [2, 2, 2, 2], "resnet18", {}),
+        # downsample_in_bottleneck: the stride in the first 1x1, as in the original paper ("v1")
+        ("bottleneck", [256, 512, 1024, 2048], [3, 4, 6, 3], "resnet50", {"stride_in_1x1": True}),
     ],
 )
-def test_huggingface_parity(layer_type: str, hidden: list[int], depths: list[int], our_name: str) -> None:
+def test_huggingface_parity(layer_type, hidden, depths, our_name, overrides) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.ResNetConfig(
-        embedding_size=64, hidden_sizes=hidden, depths=depths, layer_type=layer_type, num_labels=1000
-    )
+        embedding_size=64, hidden_sizes=hidden, depths=depths, layer_type=layer_type, num_labels=1000,
+        downsample_in_bottleneck=overrides.get("stride_in_1x1", False),
+    )  # fmt: skip
     reference = transformers.ResNetForImageClassification(config)
     _randomise_norm_stats(reference)
-    ours = resnetlab.create_model(our_name)
+    ours = resnetlab.create_model(our_name, **overrides)
     load_weights(ours, convert_state_dict(reference.state_dict()))  # format detected from the keys
+    assert resnetlab.models.count_params(ours) == sum(p.numel() for p in reference.parameters())
     x = torch.randn(2, 3, 64, 64)
     assert _max_diff(ours, reference, x, train=False) <= 1e-5
+    assert _max_diff(ours, reference, x, train=True) <= 1e-5
+    if overrides:  # the stride placement matters: v1.5 given v1's weights computes something else
+        other = resnetlab.create_model(our_name)
+        load_weights(other, convert_state_dict(reference.state_dict()))
+        assert _max_diff(other, reference, x, train=False) > 1e-2
 
 
-def test_dilated_bottleneck_matches_torchvision() -> None:
-    reference = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
-    ours = resnetlab.create_model("resnet50", output_stride=8)
-    ours.load_state_dict(reference.state_dict())
-    x = torch.randn(1, 3, 64, 64)
-    assert _max_diff(ours, reference, x, train=False) <= 1e-5
-    assert ours.forward_features(x).shape[-1] == 8  # 64 / 8
+@pytest.mark.parametrize("name", [n for n, e in MODELS.items() if e.timm_name])
+def test_params_match_timm(name: str) -> None:
+    """Every named model that timm also has counts exactly timm's parameters (built on the meta device)."""
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        reference = timm.create_model(MODELS[name].timm_name)
+    assert resnetlab.model_info(name)["params"] == sum(p.numel() for p in reference.parameters())
+
+
+def test_reference_weight_files_load_by_path(tmp_path) -> None:
+    """``create_model(name, pretrained=FILE)`` reads the files other libraries write (a torchvision .pth, a timm
+    ResNetV2 .safetensors, a Hugging Face pytorch_model.bin) and then computes what those libraries compute."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    hf_config = transformers.ResNetConfig(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic",
+                                           num_labels=1000)
+    cases = [
+        ("resnet18", "resnet18-tv.pth", torchvision.models.resnet18(), torch.save),
+        ("preact_resnet18", "resnetv2_18.safetensors", timm.create_model("resnetv2_18"), save_file),
+        ("resnet18", "pytorch_model.bin", transformers.ResNetForImageClassification(hf_config), torch.save),
+    ]
+    x = torch.randn(2, 3, 64, 64)
+    for name, filename, reference, save in cases:
+        _randomise_norm_stats(reference)
+        save(reference.state_dict(), tmp_path / filename)
+        ours = resnetlab.create_model(name, pretrained=tmp_path / filename)
+        assert _max_diff(ours, reference, x, train=False) <= 1e-5, filename

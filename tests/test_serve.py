@@ -6,12 +6,17 @@ Every request goes to 127.0.0.1 only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -77,6 +82,172 @@ def test_bad_requests_get_clean_4xx(client) -> None:
     assert client.get("/health").status_code == 200  # still serving
 
 
+# ---------------------------------------------------------------------------- limits, in process
+class Call:
+    """One HTTP request straight into the ASGI app, with a body the test controls chunk by chunk."""
+
+    def __init__(self, app, path: str = "/predict", headers: dict | None = None) -> None:
+        self.app, self.path = app, path
+        self.headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.incoming: asyncio.Queue[dict] = asyncio.Queue()
+        self.status: int | None = None
+        self.response_headers: dict[bytes, bytes] = {}
+        self.body = b""
+
+    def send_body(self, data: bytes, more: bool = False) -> None:
+        self.incoming.put_nowait({"type": "http.request", "body": data, "more_body": more})
+
+    def disconnect(self) -> None:
+        self.incoming.put_nowait({"type": "http.disconnect"})
+
+    async def run(self) -> Call:
+        scope = {"type": "http", "method": "POST" if self.path == "/predict" else "GET", "path": self.path,
+                 "raw_path": self.path.encode(), "query_string": b"", "headers": self.headers,
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http", "http_version": "1.1",
+                 "asgi": {"version": "3.0"}}  # fmt: skip
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.status, self.response_headers = message["status"], dict(message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                self.body += message.get("body", b"")
+
+        await self.app(scope, self.incoming.get, send)
+        return self
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@asynccontextmanager
+async def running(app):
+    """The app with its lifespan (the batcher) started, as a server would run it."""
+    messages: asyncio.Queue[dict] = asyncio.Queue()
+    replies: asyncio.Queue[dict] = asyncio.Queue()
+    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, messages.get, replies.put))
+    await messages.put({"type": "lifespan.startup"})
+    assert (await replies.get())["type"] == "lifespan.startup.complete"
+    try:
+        yield app
+    finally:
+        await messages.put({"type": "lifespan.shutdown"})
+        await replies.get()
+        await task
+
+
+def _app(model_dir, **limits):
+    return create_app(Predictor.load(model_dir), max_body_bytes=200_000, read_timeout=1.0, **limits)
+
+
+def test_body_deadline_cuts_off_a_client_that_keeps_dripping(model_dir) -> None:
+    """Each chunk arrives well within the read timeout, but the body as a whole takes too long: 408."""
+
+    async def scenario() -> tuple[Call, float]:
+        async with running(_app(model_dir, body_timeout=0.6)) as app:
+            call = Call(app, headers={"content-length": "5000"})
+            task = asyncio.create_task(call.run())
+            start = time.perf_counter()
+            while not task.done():
+                call.send_body(b"x", more=True)  # a byte every 0.1 s: never stalls for the 1 s read timeout
+                await asyncio.sleep(0.1)
+            return call, time.perf_counter() - start
+
+    call, elapsed = asyncio.run(scenario())
+    assert call.status == 408 and "took longer than 0.6 s" in call.json()["error"]
+    assert 0.5 < elapsed < 2.0
+
+
+def test_requests_in_flight_are_capped_with_503_and_retry_after(model_dir) -> None:
+    async def scenario() -> tuple[list[Call], Call, Call, dict]:
+        async with running(_app(model_dir, max_concurrent=2)) as app:
+            held = [Call(app) for _ in range(2)]
+            tasks = [asyncio.create_task(c.run()) for c in held]
+            await asyncio.sleep(0.05)  # both are now waiting for their bodies
+            refused = await Call(app).run()
+            health = await Call(app, "/health").run()  # monitoring is not behind the limit
+            for call in held:
+                call.send_body(png_bytes())
+            await asyncio.gather(*tasks)
+            metrics = (await Call(app, "/metrics").run()).json()
+            return held, refused, health, metrics
+
+    held, refused, health, metrics = asyncio.run(scenario())
+    assert refused.status == 503 and refused.response_headers[b"retry-after"] == b"1"
+    assert "busy" in refused.json()["error"] and health.status == 200
+    assert [c.status for c in held] == [200, 200]
+    assert metrics["in_flight"] == 0 and metrics["responses"]["503"] == 1 and metrics["responses"]["200"] == 3
+
+
+def test_full_model_queue_answers_503(model_dir, monkeypatch) -> None:
+    """While the model is busy, at most ``max_queue`` requests wait; the next one is refused at once."""
+    predictor = Predictor.load(model_dir)
+    release, forward_entered = threading.Event(), threading.Event()
+    forward = predictor.predict_tensors
+
+    def slow_forward(*args, **kwargs):
+        forward_entered.set()
+        release.wait(10)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(predictor, "predict_tensors", slow_forward)
+    app = create_app(predictor, max_batch=1, max_wait_ms=0, max_queue=1)
+    batcher = app.app.state.batcher
+
+    async def until(condition) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the server never reached the expected state")
+
+    async def scenario() -> list[Call]:
+        async with running(app):
+            calls = [Call(app) for _ in range(3)]
+            for call in calls:
+                call.send_body(png_bytes())
+            tasks = [asyncio.create_task(calls[0].run())]
+            await until(forward_entered.is_set)  # the first request is in the (stalled) forward pass
+            tasks.append(asyncio.create_task(calls[1].run()))
+            await until(lambda: batcher.queue.qsize() == 1)  # one in the forward pass, one waiting
+            await calls[2].run()  # one too many
+            release.set()
+            await asyncio.gather(*tasks)
+            return calls
+
+    calls = asyncio.run(scenario())
+    assert [c.status for c in calls] == [200, 200, 503]
+    assert "waiting for the model" in calls[2].json()["error"] and calls[2].response_headers[b"retry-after"] == b"1"
+
+
+def test_client_disconnecting_mid_body_is_dropped_quietly(model_dir) -> None:
+    async def scenario() -> tuple[Call, dict]:
+        async with running(_app(model_dir)) as app:
+            call = Call(app, headers={"content-length": "5000"})
+            call.send_body(b"\x89PNG" + bytes(100), more=True)
+            call.disconnect()
+            await call.run()  # raises nothing
+            after = Call(app)
+            after.send_body(png_bytes())
+            await after.run()
+            return after, (await Call(app, "/metrics").run()).json()
+
+    after, metrics = asyncio.run(scenario())
+    assert after.status == 200 and metrics["responses"] == {"200": 1, "499": 1} and metrics["in_flight"] == 0
+
+
+def test_pixel_cap_for_serving_is_configurable(model_dir) -> None:
+    async def scenario() -> list[Call]:
+        async with running(_app(model_dir, max_pixels=1000)) as app:
+            calls = [Call(app), Call(app)]
+            calls[0].send_body(png_bytes(40))  # 1,600 pixels
+            calls[1].send_body(png_bytes(30))  # 900 pixels
+            return [await c.run() for c in calls]
+
+    big, small = asyncio.run(scenario())
+    assert big.status == 413 and "exceeds the limit of 1000 pixels" in big.json()["error"]
+    assert small.status == 200
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,13 +255,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def server(model_dir, tmp_path_factory):
+    """A real ``resnetlab serve`` on 127.0.0.1 with small limits, its log in a file (checked for tracebacks)."""
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "resnetlab.cli.main", "serve", "--from", str(model_dir), "--port", str(port),
-         "--max-batch", "16", "--max-wait-ms", "20", "--max-body-mb", "0.5", "--read-timeout", "2"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "resnetlab.cli.main", "serve", "--from", str(model_dir), "--port", str(port),
+             "--max-batch", "16", "--max-wait-ms", "20", "--max-body-mb", "0.5", "--read-timeout", "2",
+             "--body-timeout", "3", "--header-timeout", "2", "--max-concurrent", "48", "--max-mpx", "20"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=log_file,
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -100,27 +275,39 @@ def server(model_dir):
             time.sleep(0.1)
     else:
         proc.kill()
-        pytest.fail("server did not start: " + proc.stderr.read().decode()[-2000:])
-    yield url, proc
+        pytest.fail("server did not start: " + log.read_text()[-2000:])
+    yield SimpleNamespace(url=url, proc=proc, log=log, host="127.0.0.1", port=port)
     proc.terminate()
     proc.wait(timeout=10)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]  # every abuse was handled, none crashed
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory now and at its peak (VmRSS, VmHWM) of a process, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def _reset_peak_memory(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux)
 
 
 @pytest.mark.slow
 def test_concurrent_load_no_errors_and_batching(server) -> None:
-    url, _ = server
-    result = asyncio.run(load_test(url, png_bytes(), requests=200, concurrency=16))
+    result = asyncio.run(load_test(server.url, png_bytes(), requests=200, concurrency=16))
     assert result["errors"] == {}
     assert result["server_batches"]["requests"] >= 200
     assert result["server_batches"]["max_batch_size"] > 1  # concurrent requests shared forward passes
+    print(f"served {result['requests']} at concurrency 16: {result['requests_per_second']} req/s, 0 errors")
 
 
 @pytest.mark.slow
 def test_abuse_does_not_harm_other_requests(server) -> None:
-    url, _ = server
-    host, port = url.removeprefix("http://").split(":")
+    url = server.url
     # a slow client: headers promising a body, then silence
-    slow = socket.create_connection((host, int(port)))
+    slow = socket.create_connection((server.host, server.port))
     slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\nabc")
     # meanwhile normal requests are served
     for _ in range(5):
@@ -141,15 +328,126 @@ def test_abuse_does_not_harm_other_requests(server) -> None:
 
 
 @pytest.mark.slow
-def test_memory_stays_bounded_under_sustained_load(server) -> None:
-    url, proc = server
+def test_many_slow_clients_at_once_while_normal_requests_succeed(server) -> None:
+    """24 clients dripping a body byte every 0.25 s (never stalling long enough for the read timeout), 8
+    sending headers a line at a time, 4 connecting and saying nothing, all at once: each is cut off by
+    the total body deadline (408) or the header deadline (closed), while 20 normal requests succeed."""
 
-    def rss_mb() -> float:
-        with open(f"/proc/{proc.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    async def drip_body() -> tuple[bytes, float]:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        start = time.perf_counter()
+        try:
+            for _ in range(200):
+                writer.write(b"x")
+                await writer.drain()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    return await asyncio.wait_for(reader.readline(), 0.25), time.perf_counter() - start
+            return b"never answered", time.perf_counter() - start
+        finally:
+            writer.close()
 
-    asyncio.run(load_test(url, png_bytes(), requests=100, concurrency=8))  # warm up allocator and caches
-    before = rss_mb()
-    result = asyncio.run(load_test(url, png_bytes(), requests=600, concurrency=16))
+    async def drip_headers(send_anything: bool) -> tuple[str, float]:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        start = time.perf_counter()
+        try:
+            for i in range(100):
+                if send_anything:
+                    writer.write(b"POST /predict HTTP/1.1\r\n" if i == 0 else b"X-Slow-%d: 1\r\n" % i)
+                    await writer.drain()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    if await asyncio.wait_for(reader.read(1024), 0.25) == b"":
+                        return "closed", time.perf_counter() - start
+            return "still open", time.perf_counter() - start
+        except (ConnectionResetError, BrokenPipeError):
+            return "closed", time.perf_counter() - start
+        finally:
+            writer.close()
+
+    async def normal(client: httpx.AsyncClient, semaphore: asyncio.Semaphore) -> int:
+        async with semaphore:
+            return (await client.post("/predict", content=png_bytes())).status_code
+
+    async def scenario():
+        semaphore = asyncio.Semaphore(4)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            abusers = asyncio.gather(*(drip_body() for _ in range(24)), *(drip_headers(True) for _ in range(8)),
+                                     *(drip_headers(False) for _ in range(4)))  # fmt: skip
+            await asyncio.sleep(0.5)  # the abusers are connected and dripping
+            start = time.perf_counter()
+            statuses = await asyncio.gather(*(normal(client, semaphore) for _ in range(20)))
+            normal_seconds = time.perf_counter() - start
+            return await abusers, statuses, normal_seconds
+
+    results, statuses, normal_seconds = asyncio.run(scenario())
+    bodies, headers = results[:24], results[24:]
+    assert statuses == [200] * 20
+    assert all(line.startswith(b"HTTP/1.1 408") for line, _ in bodies), bodies
+    assert all(2.5 < seconds < 8 for _, seconds in bodies), bodies  # the 3 s body deadline, not the read timeout
+    assert all(outcome == "closed" and 1.5 < seconds < 8 for outcome, seconds in headers), headers  # 2 s
+    print(f"20 normal requests in {normal_seconds:.1f} s beside 36 slow clients; body drippers cut after "
+          f"{max(s for _, s in bodies):.1f} s at most, header drippers after {max(s for _, s in headers):.1f} s")
+
+
+@pytest.mark.slow
+def test_clients_disconnecting_mid_body_are_dropped_cleanly(server) -> None:
+    before = httpx.get(server.url + "/metrics", timeout=5).json()["responses"].get("499", 0)
+    for _ in range(10):
+        client = socket.create_connection((server.host, server.port))
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + png_bytes()[:100])
+        time.sleep(0.05)
+        client.close()
+    for _ in range(100):  # the server notices each disconnect
+        metrics = httpx.get(server.url + "/metrics", timeout=5).json()
+        if metrics["responses"].get("499", 0) - before == 10:
+            break
+        time.sleep(0.05)
+    assert metrics["responses"].get("499", 0) - before == 10
+    assert httpx.post(server.url + "/predict", content=png_bytes(), timeout=10).status_code == 200
+
+
+def gradient_jpeg(width: int, height: int) -> bytes:
+    """A large photo-like JPEG that is small on the wire (a smooth gradient)."""
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_large_images_under_concurrency_keep_memory_bounded(server) -> None:
+    """16 uploads of a 12-Mpx JPEG (258 KB on the wire), all at once: all answered, and the server's peak
+    memory stays within what its limits allow. Decoding and resizing one such image peaks at ~10 bytes a
+    pixel (~126 MB, measured); only ``decode_workers`` images are decoded at once, the others wait. Without
+    that cap the default thread pool would decode 6 at once here (min(32, cores + 4)) and exceed the bound."""
+    image = gradient_jpeg(4000, 3000)
+    assert len(image) < 500_000  # under the server's 0.5 MB body limit
+    asyncio.run(load_test(server.url, png_bytes(), requests=20, concurrency=4))  # warm up
+    _reset_peak_memory(server.proc.pid)
+    baseline = _memory_mb(server.proc.pid)["VmRSS"]
+    start = time.perf_counter()
+    result = asyncio.run(load_test(server.url, image, requests=16, concurrency=16, timeout=120))
+    seconds = time.perf_counter() - start
+    peak = _memory_mb(server.proc.pid)["VmHWM"] - baseline
     assert result["errors"] == {}
-    assert rss_mb() - before < 50
+    decode_workers = max(1, min(4, os.cpu_count() or 1))  # create_app's default
+    bound = decode_workers * 12e6 * 16 / 2**20 + 16 * 0.5 + 64  # 16 B a pixel: 1.5x the measured peak
+    assert peak < bound, (peak, bound)
+    bomb = gradient_jpeg(5000, 5000)  # 25 Mpx > --max-mpx 20: refused from the header
+    assert httpx.post(server.url + "/predict", content=bomb, timeout=30).status_code == 413
+    print(f"16 x 12-Mpx JPEG at once in {seconds:.1f} s, {decode_workers} decode workers: "
+          f"peak RSS +{peak:.0f} MB (bound {bound:.0f} MB)")
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_under_sustained_load(server) -> None:
+    asyncio.run(load_test(server.url, png_bytes(), requests=100, concurrency=8))  # warm up allocator and caches
+    before = _memory_mb(server.proc.pid)["VmRSS"]
+    result = asyncio.run(load_test(server.url, png_bytes(), requests=600, concurrency=16))
+    grown = _memory_mb(server.proc.pid)["VmRSS"] - before
+    assert result["errors"] == {}
+    assert grown < 50
+    metrics = httpx.get(server.url + "/metrics", timeout=5).json()
+    print(f"600 requests at concurrency 16: 0 errors, RSS {before:.0f} MB -> {before + grown:.0f} MB; "
+          f"server totals so far: {metrics['responses']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -10,8 +11,13 @@ import torch
 
 import resnetlab
 from resnetlab.cli.main import main
+from resnetlab.errors import ConfigError
 from resnetlab.studies import gradients_at_init, layer_response_stds, lesioned
-from resnetlab.studies.lesion import path_gradient_magnitudes, single_lesions
+from resnetlab.studies.common import study_dir, write_csv
+from resnetlab.studies.degradation import _final_errors
+from resnetlab.studies.gradients import _log_grids, _plot_training, conv_gradient_norms, first_over_last
+from resnetlab.studies.lesion import path_gradient_magnitudes, random_lesions, single_lesions
+from resnetlab.studies.responses import response_layers
 
 
 @pytest.fixture(scope="module")
@@ -55,55 +61,188 @@ def test_lesioning_hurts_a_resnet_less_than_a_plain_net(batch) -> None:
     assert results["resnet20"] < results["plain20"]
 
 
-def test_lesioned_context_restores_blocks() -> None:
+def test_lesioned_context_restores_each_blocks_own_state() -> None:
     model = resnetlab.create_model("resnet20")
+    model.blocks()[7].lesioned = True  # lesioned before: must stay so
     with lesioned(model, {0, 4}):
-        assert model.blocks()[0].lesioned and model.blocks()[4].lesioned
-    assert not any(b.lesioned for b in model.blocks())
+        assert [i for i, b in enumerate(model.blocks()) if b.lesioned] == [0, 4, 7]
+    assert [i for i, b in enumerate(model.blocks()) if b.lesioned] == [7]
+    with pytest.raises(RuntimeError), lesioned(model, {1}):
+        raise RuntimeError("an evaluation failed")
+    assert [i for i, b in enumerate(model.blocks()) if b.lesioned] == [7]
 
 
-def test_path_gradients_cover_every_length(batch) -> None:
+def test_path_gradients_cover_every_length_and_restore_the_blocks(batch) -> None:
     model = resnetlab.create_model("resnet20")
+    model.blocks()[2].use_shortcut = False  # whatever the blocks were before, they are so after
+    model.blocks()[5].lesioned = True
     rows = path_gradient_magnitudes(model, batch, samples=1, seed=0)
     assert [r["length"] for r in rows] == list(range(10))
     assert sum(r["paths"] for r in rows) == 2**9
     assert sum(r["gradient_share"] for r in rows) == pytest.approx(1.0)
-    assert all(b.use_shortcut and not b.lesioned for b in model.blocks())
+    assert [b.use_shortcut for b in model.blocks()] == [i != 2 for i in range(9)]
+    assert [b.lesioned for b in model.blocks()] == [i == 5 for i in range(9)]
+    assert model.training and all(p.grad is None for p in model.parameters())
 
 
-def test_responses_one_per_3x3_layer(batch) -> None:
+def test_plain_net_lesions_skip_downsampling_blocks_and_label_k_exactly(batch) -> None:
+    plain = resnetlab.create_model("plain20").eval()
+    rows = single_lesions(plain, [batch])
+    assert [r["block"] for r in rows if r["downsampling"]] == [3, 6]  # where the width doubles
+    assert all(math.isnan(r["accuracy"]) for r in rows if r["downsampling"])  # nothing carries their input
+    assert all(0 <= r["accuracy"] <= 100 for r in rows if not r["downsampling"])
+    assert [r["k"] for r in random_lesions(plain, [batch], [0, 7], samples=2, seed=0)] == [0, 7, 7]
+    with pytest.raises(ConfigError, match="7 deletable"):  # never a row labelled 8 that deleted 7
+        random_lesions(plain, [batch], [8], samples=1, seed=0)
+
+
+@pytest.mark.parametrize(("name", "count"), [("resnet20", 18), ("plain20", 18), ("resnet18", 16), ("resnet50", 16),
+                                             ("preact_resnet18", 16), ("preact_resnet50", 16)])  # fmt: skip
+def test_responses_one_per_3x3_layer(name, count) -> None:
+    """He et al. Fig. 7: each 3x3 layer's response. Not the projection shortcut's BN, not the 1x1 layers."""
+    model = resnetlab.create_model(name)
+    layers = response_layers(model)
+    assert len(layers) == count
+    shortcut_modules = {id(m) for b in model.blocks() if b.downsample is not None for m in b.downsample.modules()}
+    assert not shortcut_modules & {id(m) for m in layers}
+
+
+def test_response_stds_come_from_post_bn_outputs(batch) -> None:
     model = resnetlab.create_model("resnet20").eval()
     stds = layer_response_stds(model, [batch])
     assert len(stds) == 18 and all(s > 0 for s in stds)
+    with torch.no_grad():  # a BN scale of 0 makes that layer's response exactly constant: std 0
+        model.blocks()[4].bn2.weight.zero_()
+    assert layer_response_stds(model, [batch])[9] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_published_deeper_resnet_has_smaller_responses(shared_file, monkeypatch) -> None:
+    """He et al. Fig. 7: ResNet-56's responses are smaller than ResNet-20's (the published weights)."""
+    from resnetlab.studies.common import EvalSets
+
+    monkeypatch.setenv("RESNETLAB_WEIGHTS_PATH", str(shared_file("weights/cifar10-akamaster")))
+    sets = EvalSets(str(shared_file("data/cifar10-jpeg.tar.xz")), test_subset=500, seed=0)
+    means = {}
+    for depth in (20, 56):
+        model = resnetlab.create_model(f"resnet{depth}", pretrained=True).eval()
+        stds = layer_response_stds(model, sets.for_model(model)[1])
+        means[depth] = sum(stds) / len(stds)
+    assert means[56] < 0.8 * means[20], means  # 0.357 vs 0.601 over the full test set (docs/studies.md)
+
+
+def test_gradient_norms_do_not_overflow_in_float32() -> None:
+    conv = torch.nn.Conv2d(1, 1, 3)
+    conv.weight.grad = torch.full_like(conv.weight, 1e30)  # float32 holds it; its float32 norm would be inf
+    assert math.isinf(conv.weight.grad.norm().item())
+    assert conv_gradient_norms(conv) == [pytest.approx(3e30)]
+
+
+def test_first_over_last_reports_overflow_as_nan() -> None:
+    assert first_over_last([8.0, 2.0, 4.0]) == 2.0
+    assert math.isnan(first_over_last([math.nan, 1.0])) and math.isnan(first_over_last([1.0, math.inf]))
+    assert first_over_last([1.0, 0.0]) == math.inf
+
+
+def test_training_heat_map_takes_its_colour_range_from_the_data(tmp_path) -> None:
+    during = {"plain8": [(1, [1e-9, 0.0, 1e3]), (2, [1e-8, math.nan, 1e2])], "resnet8": [(1, [1.0, 1.0, 1.0])]}
+    _plot_training(during, tmp_path / "g.png")  # zeros, NaN and 12 decades: drawn, not an error
+    assert (tmp_path / "g.png").stat().st_size > 0
+    grids, low, high = _log_grids(during)
+    assert (low, high) == (pytest.approx(-9.0), pytest.approx(3.0))
+    assert torch.isnan(grids["plain8"][1]).all()  # a zero or NaN norm is drawn as "no data", not clipped
+
+
+def test_study_folders_never_collide(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    first, second = study_dir("lesion", None), study_dir("lesion", None)
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_empty_csv_keeps_its_header(tmp_path) -> None:
+    write_csv(tmp_path / "a.csv", [], ("model", "step"))
+    assert (tmp_path / "a.csv").read_text().strip() == "model,step"
+    with pytest.raises(ValueError):
+        write_csv(tmp_path / "b.csv", [])
+
+
+def test_final_errors_without_evaluations_are_nan() -> None:
+    assert all(math.isnan(v) for v in _final_errors([]).values())
+    two = [dict(train_top1=60.0, eval_top1=50.0), dict(train_top1=80.0, eval_top1=70.0)]
+    assert _final_errors(two) == {"train_error": 30.0, "test_error": 40.0}
+
+
+def _outputs(folder, printed: str, files: tuple[str, ...]) -> tuple[dict, dict[str, list[dict]], str]:
+    """Every promised file is there and not empty; summary.json is what --json printed; the CSVs, parsed."""
+    for name in (*files, "report.md", "summary.json"):
+        assert (folder / name).is_file() and (folder / name).stat().st_size > 0, name
+    summary = json.loads(printed)
+    assert json.loads((folder / "summary.json").read_text()) == summary
+    report = (folder / "report.md").read_text()
+    for name in files:
+        if name.endswith(".png"):
+            assert f"]({name})" in report, name  # the report shows each figure
+    tables = {}
+    for name in files:
+        if name.endswith(".csv"):
+            with open(folder / name, newline="") as f:
+                tables[name] = list(csv.DictReader(f))
+            assert tables[name], name
+    return summary, tables, report
 
 
 @pytest.mark.slow
 def test_study_commands_write_their_outputs(tmp_path, capsys) -> None:
     common = ["--json"]
-    assert main(["study", "gradients", "--depths", "8,14", "--subset", "128", "--train-steps", "4",
-                 "--record-every", "2", "--out", str(tmp_path / "g"), *common]) == 0  # fmt: skip
-    grads = json.loads(capsys.readouterr().out)
+    assert main(["study", "gradients", "--depths", "8,14", "--train-depths", "8", "--subset", "128",
+                 "--train-steps", "4", "--record-every", "2", "--batch-size", "32", "--out", str(tmp_path / "g"),
+                 *common]) == 0  # fmt: skip
+    grads, tables, _ = _outputs(tmp_path / "g", capsys.readouterr().out, (
+        "gradients.csv", "ratios.csv", "gradients_at_init.png", "gradients_training.png"))  # fmt: skip
     assert set(grads["first_over_last_at_init"]) == {f"{f}{d}/{n}" for f in ("plain", "resnet") for d in (8, 14)
                                                       for n in ("batchnorm", "none")}  # fmt: skip
-    for name in ("gradients.csv", "gradients_at_init.png", "gradients_training.png", "report.md"):
-        assert (tmp_path / "g" / name).exists()
+    assert set(grads["first_over_last_during_training"]) == {"plain8", "resnet8"}  # only the train depths
+    assert {(r["model"], int(r["step"])) for r in tables["ratios.csv"] if r["model"] == "plain8" and r["step"] != "0"} \
+        == {("plain8", s) for s in (1, 2, 4)}  # fmt: skip
+    assert {int(r["layer"]) for r in tables["gradients.csv"] if r["model"] == "resnet14"} == set(range(13))
 
-    assert main(["study", "degradation", "--depths", "8,14", "--max-iters", "6", "--eval-every", "3",
-                 "--subset", "256", "--test-subset", "100", "--out", str(tmp_path / "d"), *common]) == 0  # fmt: skip
-    deg = json.loads(capsys.readouterr().out)
+    degradation = ["study", "degradation", "--depths", "8,14", "--max-iters", "6", "--eval-every", "3",
+                   "--subset", "256", "--test-subset", "100", "--out", str(tmp_path / "d"), *common]  # fmt: skip
+    assert main(degradation) == 0
+    deg, tables, report = _outputs(tmp_path / "d", capsys.readouterr().out, ("curves.csv", "degradation.png"))
+    assert deg["resumed"] == []
+    assert main([*degradation, "--resume"]) == 0  # finished runs are collected, not trained again
+    again = json.loads(capsys.readouterr().out)
+    assert sorted(again["resumed"]) == sorted(deg["final"]) and again["final"] == deg["final"]
     assert set(deg["final"]) == {"plain8", "plain14", "resnet8", "resnet14"}
-    assert isinstance(deg["plain_deeper_trains_worse"], bool)
-    assert (tmp_path / "d" / "degradation.png").exists() and (tmp_path / "d" / "curves.csv").exists()
+    assert isinstance(deg["plain_deeper_trains_worse"], bool) and deg["iterations"] == 6
+    assert {(r["model"], r["step"]) for r in tables["curves.csv"]} == {
+        (f"{f}{d}", s) for f in ("plain", "resnet") for d in (8, 14) for s in ("3", "6")}  # fmt: skip
+    assert "training error than plain-8" in report and "| resnet14 |" in report
+    for name, folder in deg["models"].items():  # the trained nets are kept, for the lesion study
+        assert folder == str(tmp_path / "d" / name / "model") and (tmp_path / "d" / name / "model").is_dir()
+        assert (tmp_path / "d" / name / "checkpoints" / "last.pt").is_file()
 
     model_dir = tmp_path / "d" / "resnet14" / "model"
     plain_dir = tmp_path / "d" / "plain14" / "model"
     assert main(["study", "lesion", "--from", str(model_dir), "--plain", str(plain_dir), "--test-subset", "100",
-                 "--samples", "2", "--path-samples", "1", "--out", str(tmp_path / "l"), *common]) == 0  # fmt: skip
-    les = json.loads(capsys.readouterr().out)
-    assert les["residual"]["intact"] >= 0 and "plain" in les and les["paths"]["blocks"] == 6
-    assert (tmp_path / "l" / "lesion.png").exists()
+                 "--samples", "2", "--path-samples", "1", "--path-images", "20", "--out", str(tmp_path / "l"),
+                 *common]) == 0  # fmt: skip
+    les, tables, report = _outputs(tmp_path / "l", capsys.readouterr().out, ("lesion.png", "lesions.csv", "paths.csv"))
+    assert les["residual"]["intact"] >= 0 and les["paths"]["blocks"] == 6 and les["path_images"] == 20
+    assert les["residual"]["deletable_blocks"] == 6 and les["plain"]["deletable_blocks"] == 4
+    assert set(les["residual"]["single_lesion_downsampling"]) == {"2", "4"}  # its own figure, per block
+    assert les["plain"]["single_lesion_downsampling"] == {"2": None, "4": None}  # cannot be deleted
+    assert set(les["plain"]["random_lesions"]) == {"0", "1", "2", "3", "4"}  # never more than it can delete
+    singles = [r for r in tables["lesions.csv"] if r["kind"] == "single"]
+    assert sorted((r["net"], r["block"]) for r in singles) == sorted((n, str(b)) for n in ("plain", "residual")
+                                                                     for b in range(6))  # fmt: skip
+    assert [int(r["length"]) for r in tables["paths.csv"]] == list(range(7))
+    assert "| blocks deleted at random |" in report and "Deleting a downsampling block" in report
 
     assert main(["study", "responses", "--from", str(model_dir), str(plain_dir), "--test-subset", "100",
                  "--out", str(tmp_path / "r"), *common]) == 0  # fmt: skip
-    resp = json.loads(capsys.readouterr().out)
-    assert len(resp["models"]) == 2 and (tmp_path / "r" / "responses.png").exists()
+    resp, tables, report = _outputs(tmp_path / "r", capsys.readouterr().out, ("responses.png", "responses.csv"))
+    assert len(resp["models"]) == 2 and all(v["layers"] == 12 for v in resp["models"].values())
+    assert len(tables["responses.csv"]) == 24 and "| resnet14 | 12 |" in report

@@ -179,6 +179,10 @@ def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path) -> None:
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
 @pytest.fixture(scope="module")
 def reference_weights(tmp_path_factory) -> dict[str, torch.Tensor]:
     """The final weights of an uninterrupted tiny run (deterministic mode)."""
@@ -533,45 +537,69 @@ def _run(values: dict, resume: str | None = None, extra_env: dict | None = None)
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
-
-
-SLOW_WRITES = """
+KILL_HOOK = """
 import os, time
-import resnetlab.train.checkpoint as checkpoint
-def slow_fsync(fd, _fsync=os.fsync):
-    time.sleep(0.05)  # widen the window between writing the temporary file and renaming it
+_fsync = os.fsync
+def slow_fsync(fd):
+    time.sleep(0.05)  # widen the window between writing a checkpoint's temporary file and renaming it
     _fsync(fd)
-checkpoint.os = type("os", (), {**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")}, "fsync": slow_fsync})
+os.fsync = slow_fsync
+marker = os.environ.get("RESNETLAB_TEST_RESUMING")
+if marker:
+    from resnetlab.train import engine
+    _load_checkpoint = engine.load_checkpoint
+    def load_checkpoint(path):
+        open(marker, "w").close()  # tells the test that this run is resuming
+        time.sleep(0.1)  # widen the resume window
+        return _load_checkpoint(path)
+    engine.load_checkpoint = load_checkpoint
 """
+KILL_ARGS = ["--max-iters", "240", "--batch-size", "32", "--lr", "0.05", "--deterministic", "--no-progress",
+             "--set", "model_options={stem_channels: 4, widths: [4, 8, 8]}", "--set", "tensorboard=false",
+             "--set", "eval_every=80", "--set", "checkpoint_every=1"]  # fmt: skip
+
+
+def _train_cli(args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
+    """``resnetlab train ARGS`` in a fresh process, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **(extra_env or {})}
+    return subprocess.Popen([sys.executable, "-m", "resnetlab.cli.main", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not condition():
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path) -> None:
-    """20 SIGKILLs at random moments, many of them while a checkpoint is being written; after each, the
-    checkpoint on disk is whole, and the resumed run ends bit-identical to an uninterrupted one."""
-    values = dict(model="resnet20", model_options=TINY, batch_size=32, max_iters=240, lr=0.05, progress=False,
-                  tensorboard=False, deterministic=True, eval_every=80, checkpoint_every=1)  # fmt: skip
-    reference = _run({**values, "run_dir": str(tmp_path / "reference")})
+    """`resnetlab train` SIGKILLed 20 times at random moments: many while a checkpoint is being written, some
+    while the run is resuming from the last kill. After each kill, last.pt and best.pt on disk are whole;
+    `resnetlab train --resume` ends bit-identical to an uninterrupted run (last.pt, best.pt, model/)."""
+    reference = _train_cli([*KILL_ARGS, "--run-dir", str(tmp_path / "reference")])
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
 
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_WRITES)
-    env = {"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    marker = tmp_path / "resuming"
+    env = {"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "RESNETLAB_TEST_RESUMING": str(marker)}  # fmt: skip
     run_dir = tmp_path / "killed"
     checkpoints = run_dir / "checkpoints"
+    last, best = checkpoints / "last.pt", checkpoints / "best.pt"
     rng = random.Random(0)
-    kills, mid_write, steps_seen, resume = 0, 0, [], None
+    kills, mid_write, in_resume, steps_seen, resume = 0, 0, 0, [], False
     while kills < 20:
+        strike_while_resuming = resume and kills % 4 == 3
+        marker.unlink(missing_ok=True)
         launched = time.time()
-        proc = _run({**values, "run_dir": str(run_dir)}, resume, env)
-        while proc.poll() is None and time.time() - launched < 120:  # until this run has trained a step
-            last = checkpoints / "last.pt"
-            if last.exists() and last.stat().st_mtime > launched:
-                break
-            time.sleep(0.02)
+        proc = _train_cli(["--resume", str(run_dir)] if resume else [*KILL_ARGS, "--run-dir", str(run_dir)], env)
+        if strike_while_resuming:  # while it loads the checkpoint, the data, the model...
+            _wait_for(marker.exists, proc)
+        else:  # once this run has written a checkpoint of its own
+            _wait_for(lambda: last.exists() and last.stat().st_mtime > launched, proc)  # noqa: B023
         time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is not None:  # the run finished before we struck
             break
@@ -579,16 +607,25 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path)
         proc.wait()
         kills += 1
         mid_write += bool(list(checkpoints.glob(".*.tmp-*")))
-        steps_seen.append(load_checkpoint(checkpoints / "last.pt")["step"])  # whole, never half-written
-        resume = str(run_dir)
-    proc = _run({**values, "run_dir": str(run_dir)}, resume, env)
+        in_resume += strike_while_resuming and last.stat().st_mtime <= launched  # before its first checkpoint
+        steps_seen.append(load_checkpoint(last)["step"])  # whole, never half-written
+        if best.exists():
+            load_checkpoint(best)
+        resume = True
+    proc = _train_cli(["--resume", str(run_dir)], env)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
-    assert kills == 20 and mid_write >= 5 and len(set(steps_seen)) > 3, (kills, mid_write, steps_seen)
-    expected, got = _final_weights(tmp_path / "reference"), _final_weights(run_dir)
-    assert load_checkpoint(checkpoints / "last.pt")["step"] == 240
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert kills == 20 and mid_write >= 5 and in_resume >= 3 and len(set(steps_seen)) > 3, (
+        kills, mid_write, in_resume, steps_seen)  # fmt: skip
+    for name in ("last.pt", "best.pt"):
+        expected = load_checkpoint(tmp_path / "reference" / "checkpoints" / name)
+        got = load_checkpoint(checkpoints / name)
+        assert got["step"] == expected["step"] and got["best"] == expected["best"], name
+        assert all(torch.equal(expected["model"][k], got["model"][k]) for k in expected["model"]), name
+    assert load_checkpoint(last)["step"] == 240
+    expected_model, got_model = load_model(tmp_path / "reference"), load_model(run_dir)
+    assert all(torch.equal(a, b) for a, b in zip(expected_model.state_dict().values(), got_model.state_dict().values()))
     assert not list(checkpoints.glob(".*.tmp-*"))  # leftovers of interrupted writes are cleaned up
-    print(f"kills={kills} mid_write={mid_write} steps={steps_seen}")
+    print(f"kills={kills} mid_write={mid_write} in_resume={in_resume} steps={steps_seen}")
 
 
 @pytest.mark.slow

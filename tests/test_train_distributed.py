@@ -3,6 +3,7 @@ a killed worker under --max-restarts restarts the group from the last checkpoint
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -66,14 +67,26 @@ def test_two_node_rendezvous_on_localhost(tmp_path) -> None:
 
 
 def test_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path) -> None:
-    """Rank 1 kills itself (SIGKILL) once at step 3; torchrun restarts both workers, which resume."""
+    """Rank 1 kills itself (SIGKILL) once at step 3; torchrun restarts both workers, which resume from the
+    checkpoint (not from scratch: every restarted worker loads last.pt at a step > 0) and end at the
+    reference weights."""
     marker = tmp_path / "killed-once"
+    loads = tmp_path / "loads.jsonl"
     env_hook = tmp_path / "hook"
     env_hook.mkdir()
     (env_hook / "sitecustomize.py").write_text(
-        "import os, signal\n"
-        "if os.environ.get('RANK') == '1':\n"
+        "import json, os, signal\n"
+        "if 'RANK' in os.environ:  # the workers, not the torchrun agent\n"
         "    from resnetlab.train import engine\n"
+        "    _load_checkpoint = engine.load_checkpoint\n"
+        "    def load_checkpoint(path):\n"
+        "        state = _load_checkpoint(path)\n"
+        f"        with open({str(loads)!r}, 'a') as f:\n"
+        "            f.write(json.dumps({'rank': os.environ['RANK'], 'restart': os.environ.get("
+        "'TORCHELASTIC_RESTART_COUNT'), 'file': os.path.basename(path), 'step': state['step']}) + '\\n')\n"
+        "        return state\n"
+        "    engine.load_checkpoint = load_checkpoint\n"
+        "if os.environ.get('RANK') == '1':\n"
         "    original = engine.TrainBatches.epoch\n"
         "    def epoch(self, epoch, start):\n"
         "        for i, batch in enumerate(original(self, epoch, start)):\n"
@@ -91,9 +104,15 @@ def test_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path) -> 
     output = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, output[-3000:]
     assert marker.exists()  # the worker really was killed
+    resumed = [json.loads(line) for line in loads.read_text().splitlines()]
+    resumed = [r for r in resumed if r["file"] == "last.pt"]
+    # only the restarted group (restart 1) loads last.pt, both of its workers, from a step the killed group saved
+    assert sorted(r["rank"] for r in resumed) == ["0", "1"], resumed
+    assert all(r["restart"] == "1" and 0 < r["step"] <= 3 for r in resumed), resumed
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["step"] == 6
     reference = tmp_path / "reference"
     check(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", run_dir=reference))
     expected = weights(reference)
     assert all(torch.allclose(expected[k], state["model"][k], atol=1e-5) for k in expected)
+    print(f"restarted group resumed from: {resumed}")

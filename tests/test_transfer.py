@@ -147,6 +147,91 @@ def test_cli_finetune_json(source_dir: Path, folder: Path, tmp_path: Path, capsy
     assert Path(out["model_dir"], "model.safetensors").is_file()
 
 
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BN statistics too, so that a wrongly mapped norm layer changes the outputs."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _torchvision_file(folder: Path) -> tuple[torch.nn.Module, Path]:
+    import torchvision
+
+    reference = _randomised(torchvision.models.resnet18())
+    torch.save(reference.state_dict(), folder / "resnet18-tv.pth")
+    return reference, folder / "resnet18-tv.pth"
+
+
+def _timm_file(folder: Path) -> tuple[torch.nn.Module, Path]:
+    import timm
+    from safetensors.torch import save_file
+
+    reference = _randomised(timm.create_model("resnet18", pretrained=False))
+    save_file(reference.state_dict(), folder / "resnet18-timm.safetensors")  # the layout timm's hub files have
+    return reference, folder / "resnet18-timm.safetensors"
+
+
+def _hf_file(folder: Path) -> tuple[torch.nn.Module, Path]:
+    import transformers
+
+    config = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                                       layer_type="basic", num_labels=1000)  # microsoft/resnet-18's layout; fmt: skip
+    reference = _randomised(transformers.ResNetForImageClassification(config))
+    reference.save_pretrained(folder / "hf")  # writes hf/model.safetensors
+    return reference, folder / "hf" / "model.safetensors"
+
+
+@pytest.mark.slow  # imports timm and transformers
+@pytest.mark.parametrize("make", [_torchvision_file, _timm_file, _hf_file], ids=["torchvision", "timm", "hf"])
+def test_weight_files_of_other_libraries_load_with_model(make, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference, path = make(tmp_path)
+    with pytest.raises(WeightsError, match="--model"):  # a bare weights file does not say its architecture
+        load_pretrained_source(path)
+    ours = load_pretrained_source(path, "resnet18").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(x)
+        expected = getattr(expected, "logits", expected)
+        torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_finetunes_from_a_weights_file_with_model(folder: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    _, path = _torchvision_file(tmp_path)
+    args = ["finetune", "--from", str(path), "--data", str(folder), "--max-iters", "1", "--batch-size", "8",
+            "--image-size", "32", "--run-dir", str(tmp_path / "run"), "--json"]  # fmt: skip
+    assert main([*args, "--model", "resnet34"]) == 1  # the wrong architecture: a clear error, not a traceback
+    assert "does not match resnet34" in json.loads(capsys.readouterr().out)["message"]
+    assert main([*args, "--model", "resnet18"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    saved = resnetlab.from_pretrained(out["model_dir"])
+    assert saved.name == "resnet18" and saved.config.label_names == ("blue", "red")
+
+
+def test_a_training_checkpoint_keeps_its_preprocessing_and_labels(tmp_path: Path) -> None:
+    from resnetlab.train.checkpoint import save_checkpoint
+
+    net = _tiny(num_classes=3, mean=(0.3, 0.3, 0.3), label_names=("a", "b", "c"))
+    state = {"model": net.state_dict(), "model_config": net.config.to_dict(), "architecture": net.name}
+    save_checkpoint(tmp_path / "last.pt", state)  # the engine's checkpoint layout
+    for model in (None, "resnet20"):  # --model naming the same architecture changes nothing
+        loaded = load_pretrained_source(tmp_path / "last.pt", model)
+        assert loaded.config.mean == (0.3, 0.3, 0.3) and loaded.config.label_names == ("a", "b", "c")
+        torch.testing.assert_close(loaded.state_dict(), net.state_dict())
+    with pytest.raises(WeightsError, match="checkpoint of resnet20, not resnet56"):
+        load_pretrained_source(tmp_path / "last.pt", "resnet56")
+
+
+def test_an_invalid_torchvision_weights_name_lists_the_valid_ones() -> None:
+    with pytest.raises(WeightsError, match=r"ResNet18_Weights\.IMAGENET1K_V1"):
+        load_pretrained_source("ResNet18_Weights.BOGUS")
+    with pytest.raises(WeightsError, match="no weights for resnet50d"):
+        load_pretrained_source("ResNet50d_Weights.IMAGENET1K_V1")
+
+
 @pytest.mark.slow
 def test_an_interrupted_finetune_resumes_its_strategy_and_ends_identical(
     source_dir: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture

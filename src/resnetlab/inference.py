@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from resnetlab.data import eval_transform, load_image
+from resnetlab.data.images import MAX_IMAGE_PIXELS
 from resnetlab.errors import DataError
 from resnetlab.loading import load_model
 from resnetlab.models import ResNet
@@ -71,10 +72,12 @@ class Predictor:
                 "input_size": list(c.input_size), "mean": list(c.mean), "std": list(c.std),
                 "crop_pct": c.crop_pct, "device": str(self.device)}  # fmt: skip
 
-    def preprocess(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
-        """One image -> normalised tensor (C, H, W) as the model was trained to see it."""
+    def preprocess(self, image: ImageInput, name: str | None = None, *,
+                   max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:  # fmt: skip
+        """One image -> normalised tensor (C, H, W) as the model was trained to see it (files and bytes
+        declaring more than ``max_pixels`` are refused before decoding)."""
         if not isinstance(image, Image.Image):
-            image = load_image(image, "L" if self.in_chans == 1 else "RGB", name=name)
+            image = load_image(image, "L" if self.in_chans == 1 else "RGB", name=name, max_pixels=max_pixels)
         elif image.mode != ("L" if self.in_chans == 1 else "RGB"):
             image = image.convert("L" if self.in_chans == 1 else "RGB")
         return self.transform(image)

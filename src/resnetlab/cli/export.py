@@ -28,7 +28,7 @@ def export(args: argparse.Namespace) -> int:
     """Write the artifact and its .json sidecar; report the largest difference from PyTorch."""
     import torch
 
-    from resnetlab.export import FORMATS, export_model, max_difference
+    from resnetlab.export import FORMATS, export_model, max_difference, read_export
     from resnetlab.loading import load_model
 
     model = load_model(args.source, pretrained=args.pretrained).eval()
@@ -38,18 +38,23 @@ def export(args: argparse.Namespace) -> int:
         calibration = calibration_batch(model, args.calibration_data, args.calibration_images)
     path = export_model(model, out, args.format, fold_bn=args.fold_bn, quantize=args.quantize,
                         calibration=calibration)  # fmt: skip
+    meta = read_export(path)
     c = model.config
-    batch = 1 if args.format in ("tflite", "coreml") else 4  # mobile artifacts have a fixed batch of 1
-    probe = calibration[:8] if calibration is not None else torch.randn(batch, c.in_chans, *c.input_size[1:])
+    probe = calibration[:8] if calibration is not None else torch.randn(4, c.in_chans, *c.input_size[1:])
     difference = None if args.format == "coreml" else max_difference(model, path, probe)  # runs on macOS only
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     report = {"artifact": str(path), "metadata": str(path) + ".json", "format": args.format,
-              "max_abs_difference": difference, "bytes": size}  # fmt: skip
+              "max_abs_difference": difference, "bytes": size, "validated": meta.get("validated")}  # fmt: skip
     if args.json:
         print_json(report)
-    else:
-        check = "not run (Core ML needs macOS)" if difference is None else f"{difference:.2e}"
-        print(f"wrote {path} ({size / 1e6:.2f} MB) and {report['metadata']}; max |difference| from PyTorch: {check}")
+        return 0
+    check = "not run (Core ML needs macOS)" if difference is None else f"{difference:.2e}"
+    print(f"wrote {path} ({size / 1e6:.2f} MB) and {report['metadata']}; max |difference| from PyTorch: {check}")
+    if args.format == "coreml":
+        facts = meta["validated"]
+        shapes = lambda named: ", ".join(f"{k} {v}" for k, v in named.items())  # noqa: E731
+        print(f"Core ML spec validated: {shapes(facts['inputs'])} -> {shapes(facts['outputs'])}, "
+              f"{facts['operations']} operations")  # fmt: skip
     return 0
 
 

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "resnetlab.cli.finetune",
     "resnetlab.cli.features",
     "resnetlab.cli.similar",
+    "resnetlab.cli.probe",
 )
 
 

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--csv", type=Path, help="write one row per image (default for folders: predictions.csv)")
+    p.add_argument("--csv", type=Path, help="write one row per image here (default for folders: predictions.csv "
+                   "in the current folder, or predictions-1.csv, -2, ... if that exists: nothing is overwritten)")
     add_json_flag(p)
     p.set_defaults(func=predict)
 
@@ -38,17 +39,26 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return files
 
 
+def default_csv(folder: Path = Path()) -> Path:
+    """``predictions.csv`` in ``folder``, or the first free ``predictions-N.csv``: earlier results stay."""
+    path, n = folder / "predictions.csv", 0
+    while path.exists():
+        n += 1
+        path = folder / f"predictions-{n}.csv"
+    return path
+
+
 def predict(args: argparse.Namespace) -> int:
     """Classify every image; unreadable files are reported on stderr and skipped."""
     from resnetlab.inference import Predictor
 
     files = collect_images(args.inputs)
+    csv_path = args.csv or (default_csv() if any(Path(i).is_dir() for i in args.inputs) else None)
     predictor = Predictor.load(args.source, pretrained=args.pretrained, device=args.device)
     done, failed = predictor.predict_files(files, batch_size=args.batch_size, top_k=args.top_k,
                                            progress=not args.json and len(files) > args.batch_size)  # fmt: skip
     for path, reason in failed:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    csv_path = args.csv or (Path("predictions.csv") if any(Path(i).is_dir() for i in args.inputs) else None)
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             writer = csv.writer(f)
@@ -65,5 +75,6 @@ def predict(args: argparse.Namespace) -> int:
         best = ", ".join(f"{lab} {p:.3f}" for lab, p in zip(prediction.labels, prediction.probabilities))
         print(f"{path}: {best}")
     if csv_path:
-        print(f"wrote {csv_path} ({len(done)} images, {len(failed)} skipped)")
+        kept = "; predictions.csv was already there and is kept" if csv_path.name != "predictions.csv" else ""
+        print(f"wrote {csv_path} ({len(done)} images, {len(failed)} skipped){'' if args.csv else kept}")
     return 0

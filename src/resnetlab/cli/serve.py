@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest accepted request body")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client may stall mid-upload")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client may take to send a body")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client may take to send headers")
+    p.add_argument("--max-concurrent", type=int, default=64, help="/predict requests in flight (more get 503)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for the model (more get 503)")
+    p.add_argument("--max-mpx", type=float, default=50.0, help="largest image accepted, in megapixels")
     p.set_defaults(func=run)
 
 
@@ -28,5 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = Predictor.load(args.source, pretrained=args.pretrained, device=args.device)
     serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          max_body_bytes=int(args.max_body_mb * 2**20), read_timeout=args.read_timeout)  # fmt: skip
+          max_body_bytes=int(args.max_body_mb * 2**20), read_timeout=args.read_timeout,
+          body_timeout=args.body_timeout, header_timeout=args.header_timeout, max_concurrent=args.max_concurrent,
+          max_queue=args.max_queue, max_pixels=int(args.max_mpx * 1e6))  # fmt: skip
     return 0

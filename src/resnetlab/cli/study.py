@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.train.config import parse_set_option
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -31,14 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: per epoch)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--resume", action="store_true", help="continue the models of --out that have a checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other training option of the recipe, e.g. milestones=[400,600]")
     common(p)
     p.set_defaults(func=degradation)
 
     p = kinds.add_parser("gradients", help="per-layer gradient norms, plain vs residual")
-    p.add_argument("--depths", type=_ints, default=(20, 56, 110))
+    p.add_argument("--depths", type=_ints, default=(20, 56, 110), help="e.g. 20,56,110,1202 (1202: minutes on CPU)")
     p.add_argument("--norms", default="batchnorm,none", help="norm layers to compare at initialisation")
     p.add_argument("--train-steps", type=int, default=0, help="also record gradients over this many steps")
+    p.add_argument("--train-depths", type=_ints, help="depths to train (default: all of --depths), e.g. 20,56,110")
     p.add_argument("--record-every", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--subset", type=int)
     common(p)
     p.set_defaults(func=gradients)
@@ -50,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--samples", type=int, default=5, help="random draws per number of deleted blocks")
     p.add_argument("--path-samples", type=int, default=3, help="sampled paths per path length")
+    p.add_argument("--path-images", type=int, default=100, help="test images for the path gradients")
     common(p)
     p.set_defaults(func=lesion)
 
@@ -74,10 +81,12 @@ def degradation(args: argparse.Namespace) -> int:
     """Train plain and residual twins; report whether the deeper plain net trains worse."""
     from resnetlab.studies import degradation_study
 
-    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    extra = dict(parse_set_option(item) for item in args.set)
+    extra.update({k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None})
     return _finish(args, degradation_study(
         args.depths, data=args.data, recipe=args.recipe, max_iters=args.max_iters, subset=args.subset,
-        test_subset=args.test_subset, eval_every=args.eval_every, out=args.out, seed=args.seed, **extra,
+        test_subset=args.test_subset, eval_every=args.eval_every, out=args.out, seed=args.seed, resume=args.resume,
+        **extra,
     ))  # fmt: skip
 
 
@@ -87,7 +96,8 @@ def gradients(args: argparse.Namespace) -> int:
 
     return _finish(args, gradients_study(
         args.depths, norms=tuple(args.norms.split(",")), data=args.data, train_steps=args.train_steps,
-        record_every=args.record_every, subset=args.subset, out=args.out, seed=args.seed,
+        train_depths=args.train_depths, record_every=args.record_every, batch_size=args.batch_size,
+        subset=args.subset, out=args.out, seed=args.seed,
     ))  # fmt: skip
 
 
@@ -97,7 +107,8 @@ def lesion(args: argparse.Namespace) -> int:
 
     return _finish(args, lesion_study(
         args.source, plain=args.plain, pretrained=args.pretrained, data=args.data, test_subset=args.test_subset,
-        samples=args.samples, path_samples=args.path_samples, out=args.out, seed=args.seed,
+        samples=args.samples, path_samples=args.path_samples, path_images=args.path_images, out=args.out,
+        seed=args.seed,
     ))  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """CIFAR-10/100 in the official python format, read without unsafe unpickling.
 
 The official batches are pickles. A pickle can run arbitrary code, so they are read with an unpickler
-that can build only dicts, lists, strings, bytes and numpy arrays; anything else is refused. The same
+that can build only dicts, lists, strings, bytes and numpy arrays of plain numbers, each checked against
+the CIFAR sizes before numpy allocates it; anything else is refused. The same
 reader works on a ``cifar-10-batches-py/`` / ``cifar-100-python/`` folder or directly inside the
 official ``.tar.gz`` (nothing is extracted).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -47,10 +49,68 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+#: The largest array in an official CIFAR file: CIFAR-100's 50,000 training images of 3,072 bytes.
+MAX_ARRAY_BYTES = 50_000 * 3072
+
+
+def _check_array(shape: Any, dtype: Any, nbytes: int | None) -> None:
+    """Refuse an array before numpy allocates it: plain numbers only, CIFAR-sized at most, and exactly
+    as many bytes of data as its shape needs (numpy allocates by shape, so a short buffer or an object
+    array with a lying shape could exhaust memory or crash numpy itself)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"arrays of {dtype!r} are not allowed in a CIFAR batch (plain numbers only)")
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 8:
+        raise pickle.UnpicklingError(f"invalid array shape {shape!r}")
+    size = dtype.itemsize * math.prod(shape)
+    if size > MAX_ARRAY_BYTES:
+        raise pickle.UnpicklingError(
+            f"an array of {size} bytes exceeds the largest CIFAR array ({MAX_ARRAY_BYTES} bytes)"
+        )
+    if nbytes != size:
+        raise pickle.UnpicklingError(f"array data holds {nbytes} bytes but its shape {shape} needs {size}")
+
+
+def _byte_count(raw: Any) -> int | None:
+    if isinstance(raw, str):  # Python 2 str, decoded as latin-1; numpy encodes it back
+        return len(raw)
+    try:
+        return memoryview(raw).nbytes
+    except TypeError:
+        return None
+
+
+class _CheckedArray(np.ndarray):
+    """What ``_reconstruct`` builds: an empty array whose state (shape, dtype, data) is checked before
+    numpy's own ``__setstate__`` allocates anything. Turned into a plain ndarray after loading."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("malformed array state")
+        shape, dtype, _, raw = state[-4:]
+        _check_array(shape, dtype, _byte_count(raw))
+        super().__setstate__(state)
+
+
+class _NdarrayName:
+    """Stands for ``numpy.ndarray`` in a pickle: accepted by ``_reconstruct``, not callable."""
+
+
+def _checked_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not _NdarrayName or shape != (0,):  # numpy always pickles an empty array, then its state
+        raise pickle.UnpicklingError("only plain numpy arrays are allowed in a CIFAR batch")
+    return _reconstruct(_CheckedArray, (0,), dtype)
+
+
+def _checked_frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """Protocol-5 arrays: ``frombuffer(...).reshape(shape)``, checked the same way."""
+    _check_array(shape, dtype, _byte_count(buffer))
+    return np.asarray(_frombuffer(buffer, dtype, shape, order))
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    **{(m, "_reconstruct"): _reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    **{(m, "_frombuffer"): _frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
-    ("numpy", "ndarray"): np.ndarray,
+    **{(m, "_reconstruct"): _checked_reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): _checked_frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): _NdarrayName,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
 }
@@ -75,7 +135,10 @@ def read_cifar_pickle(data: bytes, *, name: str = "<bytes>") -> dict[str, Any]:
         raise DataError(f"{name} is not a readable CIFAR pickle ({type(err).__name__}: {err})") from err
     if not isinstance(obj, dict):
         raise DataError(f"{name} is not a CIFAR batch: expected a dict, got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+    return {
+        k.decode("latin1") if isinstance(k, bytes) else str(k): v.view(np.ndarray) if isinstance(v, np.ndarray) else v
+        for k, v in obj.items()
+    }
 
 
 def cifar_batch_arrays(batch: dict[str, Any], label_key: str, num_classes: int, *,

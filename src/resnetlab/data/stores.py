@@ -2,18 +2,23 @@
 
 Archives are read in place and never extracted, so nothing can be written anywhere. Members with absolute
 paths or ``..`` components make the whole archive refused (it is malformed or hostile); links and device
-entries are ignored with a warning and never followed. In a directory, symlinks that lead outside the
+entries are ignored with a warning and never followed. Sizes are checked before anything is read: a
+member declaring more than ``MAX_MEMBER_BYTES``, or a compressed tar whose members add up to more than
+``MAX_IN_MEMORY_BYTES``, is refused (decompression bombs); a zip member is never read past its declared
+size, and one whose content does not match it fails its CRC check. In a directory, symlinks that lead outside the
 root are skipped with a warning unless ``follow_symlinks=True``.
 """
 
 from __future__ import annotations
 
 import io
+import lzma
 import os
 import stat
 import tarfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
@@ -22,6 +27,11 @@ from resnetlab.errors import DataError
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz")
 #: A single member larger than this is refused (zip bombs declare absurd sizes).
 MAX_MEMBER_BYTES = 1 << 30
+#: A compressed tar is read whole into memory: its members may add up to at most this many bytes.
+MAX_IN_MEMORY_BYTES = 2 << 30
+#: What holding one member's metadata costs, counted against ``MAX_IN_MEMORY_BYTES`` (a bomb can also be
+#: millions of empty members).
+MEMBER_OVERHEAD_BYTES = 1024
 
 
 class FileStore(Protocol):
@@ -147,7 +157,11 @@ class _ArchiveStore:
 
     def _check_size(self, name: str, size: int) -> None:
         if size > MAX_MEMBER_BYTES:
-            raise DataError(f"refusing {self.describe(name)}: {size} bytes exceeds {MAX_MEMBER_BYTES}")
+            raise DataError(
+                f"refusing {self.describe(name)}: it declares {size} bytes, more than the limit of "
+                f"{MAX_MEMBER_BYTES} (possibly a decompression bomb; raise resnetlab.data.stores.MAX_MEMBER_BYTES "
+                "if you trust it)"
+            )
 
 
 class ZipStore(_ArchiveStore):
@@ -160,7 +174,7 @@ class ZipStore(_ArchiveStore):
         dirs: set[str] = set()
         for info in self._zip().infolist():
             name = safe_member_name(info.filename, path)
-            if info.is_dir() or not name:
+            if not name or info.is_dir():  # (is_dir fails on an empty name)
                 if name:
                     dirs.add(name)
                 continue
@@ -176,18 +190,31 @@ class ZipStore(_ArchiveStore):
         if self._handle is None or self._pid != os.getpid():
             try:
                 self._handle = zipfile.ZipFile(self.path)
-            except (OSError, zipfile.BadZipFile, ValueError) as err:
+            except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError) as err:
                 raise DataError(f"cannot read zip archive {self.path}: {err}") from err
             self._pid = os.getpid()
         return self._handle  # type: ignore[return-value]
 
     def open(self, name: str) -> BinaryIO:
         info = self._infos[name]
-        self._check_size(name, info.file_size)
-        try:
-            return io.BytesIO(self._zip().read(info))
+        self._check_size(name, max(info.file_size, info.compress_size))
+        encrypted = info.flag_bits & 1
+        if info.compress_type == zipfile.ZIP_STORED and not encrypted and info.compress_size != info.file_size:
+            raise DataError(
+                f"refusing {self.describe(name)}: it declares {info.file_size} bytes but stores "
+                f"{info.compress_size} (the archive is corrupt or hostile)"
+            )
+        try:  # ZipFile.read would decompress a whole member before cutting it to its declared size
+            with self._zip().open(info) as member:
+                data = member.read(info.file_size + 1)  # at most what it declares; the CRC is checked
         except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError) as err:
             raise DataError(f"cannot read {self.describe(name)}: {err}") from err
+        if len(data) != info.file_size:
+            raise DataError(
+                f"cannot read {self.describe(name)}: it declares {info.file_size} bytes but holds {len(data)} "
+                "(the archive is corrupt or hostile)"
+            )
+        return io.BytesIO(data)
 
 
 class TarStore(_ArchiveStore):
@@ -201,10 +228,14 @@ class TarStore(_ArchiveStore):
         self._contents: dict[str, bytes] = {}
         links: list[str] = []
         dirs: set[str] = set()
+        held = 0  # bytes a compressed archive will hold in memory
         try:
             with tarfile.open(path) as archive:
                 for member in archive:
                     name = safe_member_name(member.name, path)
+                    if self.compressed:
+                        held += MEMBER_OVERHEAD_BYTES + (member.size if member.isfile() else 0)
+                        self._check_total(held)
                     if member.isdir() or not name:
                         if name:
                             dirs.add(name)
@@ -216,21 +247,33 @@ class TarStore(_ArchiveStore):
                     self._members[name] = member
                     if self.compressed:
                         self._contents[name] = archive.extractfile(member).read()  # type: ignore[union-attr]
-        except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+        except (OSError, tarfile.TarError, EOFError, ValueError, lzma.LZMAError, zlib.error) as err:
             raise DataError(f"cannot read tar archive {path}: {err}") from err
         self.names = list(self._members)
         self.empty_dirs = _empty_dirs(dirs, self.names)  # an empty class is an error, as for folders
         _warn_ignored("link or special members (never followed)", path, links)
 
+    def _check_total(self, held: int) -> None:
+        if held > MAX_IN_MEMORY_BYTES:
+            raise DataError(
+                f"refusing {self.path}: a compressed tar is read whole into memory and its members add up to "
+                f"more than {MAX_IN_MEMORY_BYTES} bytes (possibly a decompression bomb). Extract it, or repack it "
+                "as .zip or uncompressed .tar (both are read in place), or raise "
+                "resnetlab.data.stores.MAX_IN_MEMORY_BYTES if you trust it"
+            )
+
     def open(self, name: str) -> BinaryIO:
         if self.compressed:
             return io.BytesIO(self._contents[name])
-        if self._handle is None or self._pid != os.getpid():
-            self._handle, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115 - kept open
         member = self._members[name]
-        handle: BinaryIO = self._handle  # type: ignore[assignment]
-        handle.seek(member.offset_data)
-        data = handle.read(member.size)
+        try:
+            if self._handle is None or self._pid != os.getpid():
+                self._handle, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115 - kept open
+            handle: BinaryIO = self._handle  # type: ignore[assignment]
+            handle.seek(member.offset_data)
+            data = handle.read(member.size)
+        except OSError as err:
+            raise DataError(f"cannot read {self.describe(name)}: {err}") from err
         if len(data) != member.size:
             raise DataError(f"cannot read {self.describe(name)}: archive is truncated")
         return io.BytesIO(data)

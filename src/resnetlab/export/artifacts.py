@@ -24,6 +24,7 @@ from resnetlab.models.weights import sha256_file
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2", "tflite": ".tflite",
            "coreml": ".mlpackage"}  # fmt: skip
 MOBILE = ("tflite", "coreml")
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def sha256_path(path: Path) -> str:
@@ -51,10 +52,12 @@ def export_model(
     opset: int | None = None,
     image_size: int | None = None,
 ) -> Path:
-    """Write ``model`` as ``fmt`` (onnx | torchscript | exported-program) to ``path`` plus its sidecar.
+    """Write ``model`` as ``fmt`` (see ``FORMATS``) to ``path`` plus its sidecar.
 
     ``fold_bn`` folds BatchNorm into convs first; ``quantize="int8"`` (ONNX only) applies static int8
-    quantization calibrated on ``calibration`` (a batch of preprocessed images).
+    quantization calibrated on ``calibration`` (a batch of preprocessed images). The mobile converters'
+    own checks (Core ML: spec shapes and operation count; TFLite: LiteRT against PyTorch) are kept in
+    the sidecar under ``validated``.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
@@ -64,6 +67,8 @@ def export_model(
         raise ConfigError(f"the {fmt} converter folds BatchNorm itself; drop --fold-bn")
     if quantize and fmt != "onnx":
         raise ConfigError("int8 quantization is done with ONNX Runtime: use --format onnx")
+    if quantize and calibration is None:
+        raise ConfigError("int8 quantization needs calibration images (--calibration-data)")
     path = Path(path)
     if fmt == "coreml" and path.suffix != ".mlpackage":  # coremltools insists on the suffix
         path = path.with_suffix(".mlpackage")
@@ -77,37 +82,89 @@ def export_model(
     c = model.config
     example = torch.zeros(2, c.in_chans, *((image_size, image_size) if image_size else c.input_size[1:]))
     batch = torch.export.Dim("batch", min=1, max=4096)
+    validated: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "onnx":
             target = path.with_name(path.stem + ".fp32.onnx") if quantize else path
-            torch.onnx.export(net, (example,), str(target), dynamo=True, input_names=["input"],
-                              output_names=["logits"], dynamic_shapes={"x": {0: batch}}, opset_version=opset,
-                              external_data=False,
-                              verbose=False)  # fmt: skip
+            onnx_export(net, example, target, opset=opset)
             if quantize:
                 from resnetlab.export.quantize import quantize_onnx_int8
 
-                if calibration is None:
-                    raise ConfigError("int8 quantization needs calibration images (--calibration-data)")
                 quantize_onnx_int8(target, path, calibration)
                 target.unlink()
         elif fmt in MOBILE:
             from resnetlab.export import mobile
 
-            (mobile.to_tflite if fmt == "tflite" else mobile.to_coreml)(net, path)
+            facts = (mobile.to_tflite if fmt == "tflite" else mobile.to_coreml)(net, path)
+            validated = {k: v for k, v in facts.items() if k != "path"}
         elif fmt == "torchscript":
             torch.jit.save(torch.jit.trace(net, example), str(path))
         else:
-            program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}})
+            program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
             torch.export.save(program, str(path))
     meta = {
         "resnetlab_export": 1, "format": fmt, "architecture": model.name, "config": c.to_dict(),
         "fold_bn": fold_bn, "folded_pairs": folded, "quantize": quantize, "torch": torch.__version__,
         "input_name": "input", "sha256": sha256_path(path),
     }  # fmt: skip
+    if validated:  # what the converter's own check established (Core ML: spec; TFLite: LiteRT vs PyTorch)
+        meta["validated"] = validated
     sidecar(path).write_text(json.dumps(meta, indent=2))
     return path
+
+
+def onnx_export(net: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
+                opset: int | None = None) -> None:  # fmt: skip
+    """Write ``net`` (any image classifier, e.g. torchvision's) as one self-contained ONNX file with a
+    dynamic batch axis; input ``input``, output ``logits``."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (example,), str(path), dynamo=True, input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: batch},), opset_version=opset, external_data=False,
+                          verbose=False)  # fmt: skip
+
+
+ORT_OPTIMIZATION = ("disable", "basic", "extended", "layout", "all")
+
+
+def onnx_session(path: str | os.PathLike, *, threads: int | None = None, optimization: str = "all",
+                 device: str = "cpu", spin: bool = True, arena: bool = True) -> Forward:  # fmt: skip
+    """An ONNX Runtime session for ``path`` as a forward function (float tensor -> logits tensor).
+
+    ``optimization`` is ONNX Runtime's graph optimisation level (``all`` is its default). ``device="cuda"``
+    needs the onnxruntime-gpu package; inputs are then copied to the host and back, and that is timed too.
+    ``spin=False`` stops idle worker threads from busy-waiting after a run (they would steal the CPU from
+    whatever runs next, e.g. another model in a benchmark); ``arena=False`` returns working memory to the
+    system after each run instead of keeping it in ONNX Runtime's arena (to measure it).
+    """
+    import onnxruntime as ort
+
+    if optimization not in ORT_OPTIMIZATION:
+        raise ConfigError(f"unknown ONNX Runtime optimisation level {optimization!r}; choose one of {ORT_OPTIMIZATION}")
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError("ONNX Runtime here has no CUDA provider (install onnxruntime-gpu), or use --device cpu")
+        providers = ["CUDAExecutionProvider"]
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    level = "ORT_DISABLE_ALL" if optimization == "disable" else f"ORT_ENABLE_{optimization.upper()}"
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.enable_cpu_mem_arena = arena
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    name = session.get_inputs()[0].name
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        logits = session.run(None, {name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(logits).to(x.device)
+
+    return forward
 
 
 def read_export(path: str | os.PathLike) -> dict[str, Any]:
@@ -126,9 +183,6 @@ def read_export(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
-
-
 def load_export(path: str | os.PathLike, *, threads: int | None = None) -> tuple[Forward, ResNetConfig, dict[str, Any]]:
     """A forward function (float tensor -> logits), the model config and the metadata of an artifact."""
     meta = read_export(path)
@@ -139,27 +193,22 @@ def load_export(path: str | os.PathLike, *, threads: int | None = None) -> tuple
     if fmt == "tflite":
         from ai_edge_litert.interpreter import Interpreter
 
-        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        runner = Interpreter(model_path=str(path), num_threads=threads).get_signature_runner()
+        ((input_name, details),) = runner.get_input_details().items()
+        fixed = int(details["shape"][0])  # a TFLite artifact has a fixed batch (1 as exported here)
 
         def forward_tflite(x: torch.Tensor) -> torch.Tensor:
-            runner = interpreter.get_signature_runner()
-            (output,) = runner(**{runner.get_input_details().popitem()[0]: x.contiguous().numpy()}).values()
-            return torch.from_numpy(output)
+            """Any batch: run it in slices of the artifact's fixed batch, the last one padded."""
+            outputs = []
+            for part in x.float().cpu().split(fixed):
+                padded = torch.cat([part, part.new_zeros(fixed - len(part), *part.shape[1:])])
+                (output,) = runner(**{input_name: padded.contiguous().numpy()}).values()
+                outputs.append(torch.from_numpy(output)[: len(part)])
+            return torch.cat(outputs)
 
         return forward_tflite, config, meta
     if fmt == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
-
-        return forward, config, meta
+        return onnx_session(path, threads=threads), config, meta
     if fmt == "torchscript":
         module = torch.jit.load(str(path), map_location="cpu").eval()
     else:

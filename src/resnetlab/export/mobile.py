@@ -52,4 +52,5 @@ def to_tflite(model: ResNet, path: str | os.PathLike, *, batch: int = 1) -> dict
     edge.export(str(path))
     with torch.no_grad():
         difference = float(abs(torch.as_tensor(edge(example)) - model(example)).max())
-    return {"path": str(path), "bytes": Path(path).stat().st_size, "max_abs_difference": difference}
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "input_shape": list(example.shape),
+            "max_abs_difference": difference}  # fmt: skip

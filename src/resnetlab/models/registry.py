@@ -23,7 +23,8 @@ class WeightsSource:
     ``kind``: "torchvision" (``ref`` = torchvision weights enum, e.g. "ResNet50_Weights.IMAGENET1K_V2"),
     "url" (``ref`` = URL of a file whose name is ``filename``), or "hf_hub" (``ref`` = repo id on the
     Hugging Face hub, ``filename`` inside it). ``format`` names the converter (see ``weights.CONVERTERS``).
-    ``config`` overrides preprocessing that the weights were trained with.
+    ``config`` overrides preprocessing that the weights were trained with; ``labels`` names the dataset
+    whose classes the head predicts ("imagenet-1k", "cifar-10"), so predictions carry class names.
     """
 
     kind: str
@@ -33,6 +34,7 @@ class WeightsSource:
     sha256_prefix: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    labels: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ AKAMASTER_FILES = {
 CIFAR_PAPER_PARAMS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6, 1202: 19.4e6}
 
 
-def _torchvision_weights(name: str, enum: str) -> dict[str, WeightsSource]:
+def _torchvision_weights(enum: str) -> dict[str, WeightsSource]:
     return {"tv_in1k": WeightsSource("torchvision", enum, "torchvision", description=f"torchvision {enum}")}
 
 
@@ -84,13 +86,13 @@ def _build_table() -> dict[str, ModelEntry]:
         table[name] = ModelEntry(
             base, f"ResNet-{depth} (He et al. 2015), stride in the 3x3 (v1.5, torchvision)",
             TORCHVISION_PARAMS[name], "torchvision",
-            _torchvision_weights(name, f"ResNet{depth}_Weights.IMAGENET1K_{weights_enum[depth]}"), name,
+            _torchvision_weights(f"ResNet{depth}_Weights.IMAGENET1K_{weights_enum[depth]}"), name,
         )  # fmt: skip
         table[f"resnet{depth}d"] = ModelEntry(
             dict(base, stem="deep", avg_down=True),
             f"ResNet-{depth}-D (Bag of Tricks): deep 3x3 stem, average-pool projection shortcut",
             weights={"timm_in1k": WeightsSource("hf_hub", f"timm/resnet{depth}d.ra2_in1k", "timm",
-                                                "model.safetensors")},
+                                                "model.safetensors", labels="imagenet-1k")},
             timm_name=f"resnet{depth}d",
         )  # fmt: skip
         table[f"preact_resnet{depth}"] = ModelEntry(
@@ -98,19 +100,16 @@ def _build_table() -> dict[str, ModelEntry]:
             f"Pre-activation ResNet-{depth} (He et al. 2016, identity mappings); timm's resnetv2_{depth}",
             timm_name=f"resnetv2_{depth}",
         )
-        table[f"plain{depth}"] = ModelEntry(
-            dict(base, shortcut="none"), f"Plain-{depth}: ResNet-{depth} without shortcuts (degradation study)"
-        )
     table["resnet50c"] = ModelEntry(
         dict(table["resnet50"].config, stem="deep"), "ResNet-50-C (Bag of Tricks): deep 3x3 stem",
         timm_name="resnet50c",
     )  # fmt: skip
     table["preact_resnet50"].weights["timm_in1k"] = WeightsSource(
-        "hf_hub", "timm/resnetv2_50.a1h_in1k", "timm", "model.safetensors"
+        "hf_hub", "timm/resnetv2_50.a1h_in1k", "timm", "model.safetensors", labels="imagenet-1k"
     )
     table["resnet50"].weights["hf_in1k"] = WeightsSource(
         "hf_hub", "microsoft/resnet-50", "hf", "model.safetensors",
-        description="Hugging Face transformers microsoft/resnet-50",
+        description="Hugging Face transformers microsoft/resnet-50", labels="imagenet-1k",
     )  # fmt: skip
     for name, layers, groups, width, enum in (
         ("resnext50_32x4d", IMAGENET_LAYERS[50], 32, 4, "ResNeXt50_32X4D_Weights.IMAGENET1K_V2"),
@@ -123,7 +122,7 @@ def _build_table() -> dict[str, ModelEntry]:
         table[name] = ModelEntry(
             dict(IMAGENET, **BOTTLENECK, layers=layers, groups=groups, width_per_group=width),
             f"{kind}, ImageNet layout as in torchvision", TORCHVISION_PARAMS[name], "torchvision",
-            _torchvision_weights(name, enum), name,
+            _torchvision_weights(enum), name,
         )  # fmt: skip
 
     # The paper's CIFAR-10 nets: 6n+2 layers, widths 16/32/64, option-A shortcuts (8 and 14: small members
@@ -138,15 +137,13 @@ def _build_table() -> dict[str, ModelEntry]:
                 sha256_prefix=AKAMASTER_FILES[depth].split("-")[1][:8],
                 config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD),
                 description="published CIFAR-10 weights of akamaster/pytorch_resnet_cifar10 (BSD-2-Clause)",
+                labels="cifar-10",
             )  # fmt: skip
         params = CIFAR_PAPER_PARAMS.get(depth)
         table[f"resnet{depth}"] = ModelEntry(
             base, f"CIFAR ResNet-{depth} (He et al. 2015, Sec. 4.2): 3 stages of {n} basic blocks, option A",
             params, "He et al. 2015, Table 6" if params else "", weights,
         )  # fmt: skip
-        table[f"plain{depth}"] = ModelEntry(
-            dict(base, shortcut="none"), f"CIFAR plain-{depth}: ResNet-{depth} without shortcuts"
-        )
     # He et al. 2016 (identity mappings), Table 3/4: pre-activation CIFAR nets, projection shortcuts.
     for depth, block, params in ((110, BASIC, 1.7e6), (164, BOTTLENECK, 1.7e6), (1001, BOTTLENECK, 10.2e6)):
         n = (depth - 2) // (9 if block is BOTTLENECK else 6)
@@ -169,7 +166,17 @@ def _build_table() -> dict[str, ModelEntry]:
                  groups=cardinality, width_per_group=64),
             f"CIFAR ResNeXt-29, {cardinality}x64d (Xie et al. 2017)", params, "Xie et al. 2017, Table 7",
         )  # fmt: skip
+    # Every net has a plain twin: the same layers without shortcuts (the degradation experiment).
+    for name, entry in list(table.items()):
+        table[plain_twin_name(name)] = ModelEntry(
+            dict(entry.config, shortcut="none"), f"{name} without shortcuts: its plain twin (degradation study)"
+        )
     return table
+
+
+def plain_twin_name(name: str) -> str:
+    """``resnet56`` -> ``plain56``, ``preact_resnet164`` -> ``preact_plain164``, ``wrn28_10`` -> ``plain_wrn28_10``."""
+    return name.replace("resnet", "plain") if "resnet" in name else f"plain_{name}"
 
 
 MODELS: dict[str, ModelEntry] = _build_table()

@@ -87,6 +87,8 @@ class ResNet(nn.Module):
     # ------------------------------------------------------------------ construction helpers
     def init_weights(self) -> None:
         """He (fan-out) init for convs, unit norms, and optionally zero-init the last norm of each branch."""
+        if next(self.parameters()).is_meta:  # shapes only (model_info): there are no values to initialise
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -140,6 +142,11 @@ class ResNet(nn.Module):
                 f"resize images to at least {c.total_stride} px (default {c.input_size[1]})"
             )
 
+    def _check_input_eagerly(self, x: torch.Tensor) -> None:
+        """``check_input`` outside tracing and compilation (data-dependent checks would break a graph)."""
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            self.check_input(x)
+
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         if not self.config.preact:
@@ -148,8 +155,7 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> last feature map (before pooling)."""
-        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-            self.check_input(x)
+        self._check_input_eagerly(x)
         x = self.forward_stem(x)
         for stage in self.stages:
             x = stage(x)
@@ -176,7 +182,7 @@ class ResNet(nn.Module):
         Returns ``(final_features, maps)``, or just ``maps`` with ``intermediates_only``.
         """
         wanted = self._resolve_indices(indices)
-        self.check_input(x)
+        self._check_input_eagerly(x)
         maps: list[torch.Tensor] = []
         x = self.forward_stem(x)
         if 0 in wanted:
@@ -206,7 +212,10 @@ class ResNet(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """Features-only view of a ResNet: returns the feature maps at ``out_indices`` as a list."""
+    """Features-only view of a ResNet: returns the feature maps at ``out_indices`` as a list.
+
+    It takes ownership of ``model`` and removes its classifier (the features never reach it).
+    """
 
     def __init__(self, model: ResNet, out_indices: Sequence[int] = (1, 2, 3, 4)) -> None:
         super().__init__()

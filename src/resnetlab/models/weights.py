@@ -13,6 +13,7 @@ Nothing here unpickles code: ``.safetensors`` or ``torch.load(weights_only=True)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def error_summary(err: BaseException) -> str:
+    """``Type: first line`` of an exception, short enough for a one-line error message."""
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
+
+
 def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     """Tensors from a ``.safetensors`` file or a PyTorch checkpoint, never executing pickled code.
 
@@ -52,23 +58,27 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise WeightsError(f"{path} is not a readable safetensors file ({err})") from err
+        return load_safetensors(path, path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise WeightsError(
-            f"cannot load {path} as plain tensors ({type(err).__name__}: {reason}). "
+            f"cannot load {path} as plain tensors ({error_summary(err)}). "
             "resnetlab never unpickles code; re-save it with torch.save(model.state_dict(), ...) or as "
             "safetensors if it comes from a source you trust"
         ) from err
     return unwrap_state_dict(obj, path)
+
+
+def load_safetensors(source: Path | bytes, origin: Path) -> StateDict:
+    """Tensors from a safetensors file (memory-mapped) or from its bytes (what was verified is what loads)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    try:
+        return load(source) if isinstance(source, bytes) else load_file(str(source))
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+        raise WeightsError(f"{origin} is not a readable safetensors file ({error_summary(err)})") from err
 
 
 def unwrap_state_dict(obj: Any, origin: object = "checkpoint") -> StateDict:
@@ -243,9 +253,24 @@ def weights_search_path() -> list[Path]:
     return [*dirs, cache_dir() / "weights", Path(torch.hub.get_dir()) / "checkpoints"]
 
 
+def dataset_labels(dataset: str) -> tuple[str, ...]:
+    """Class names, in label order, of a dataset that published weights predict."""
+    if dataset == "imagenet-1k":  # torchvision's ImageNet metadata (the same order timm and HF use)
+        from torchvision.models import ResNet50_Weights
+
+        return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+    if dataset == "cifar-10":
+        from resnetlab.data.cifar import CIFAR10_CLASSES
+
+        return CIFAR10_CLASSES
+    raise WeightsError(f"no class names known for dataset {dataset!r}")
+
+
 def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
-    """State dict (converted) and preprocessing overrides for a ``registry.WeightsSource``."""
+    """State dict (converted) and preprocessing overrides (with class names) for a ``registry.WeightsSource``."""
     extra: dict[str, Any] = dict(source.config)
+    if source.labels:
+        extra.setdefault("label_names", dataset_labels(source.labels))
     if source.kind == "torchvision":
         from torchvision.models import get_weight
 
@@ -284,25 +309,79 @@ def _download(source: Any, url: str, filename: str) -> Path:
         ) from err
 
 
+# ---------------------------------------------------------------------------- writing files durably
+def write_temporary(path: Path, data: bytes) -> Path:
+    """``data`` in a hidden temporary file beside ``path``, flushed to disk; ``replace_with`` puts it in place.
+
+    Raises ``OSError`` (and leaves no temporary file) when the write fails, e.g. on a full disk.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def replace_with(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` over ``path`` (atomic: readers see the old file or the new one) and make it durable."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # fsync the folder so the rename itself survives a power cut
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------------------- save_pretrained layout
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (the Hugging Face layout) into ``directory``."""
-    from safetensors.torch import save_file
+    """Write ``model.safetensors`` + ``config.json`` (the Hugging Face layout) into ``directory``.
+
+    ``config.json`` records the sha256 of the weights. Both files are written and flushed to temporary
+    files first, then renamed into place one after the other: a crash or a full disk leaves the previous
+    folder intact (or, in the instant between the two renames, a folder that is refused as inconsistent,
+    never one that loads wrong weights).
+    """
+    from safetensors.torch import save
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / WEIGHTS_FILE)
+    weights = save(tensors, metadata={"format": "pt"})
     meta = {
         "resnetlab_format": FORMAT_VERSION,
         "architecture": getattr(model, "name", None),
         "config": model.config.to_dict(),  # type: ignore[union-attr]
-        "weights_sha256": sha256_file(directory / WEIGHTS_FILE),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         **(extra or {}),
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    temporaries: list[Path] = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for leftover in directory.glob(".*.tmp-*"):  # of an earlier save that was killed
+            if leftover.name.startswith((f".{WEIGHTS_FILE}.", f".{CONFIG_FILE}.")):
+                leftover.unlink(missing_ok=True)
+        temporaries.append(write_temporary(directory / WEIGHTS_FILE, weights))
+        temporaries.append(write_temporary(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode()))
+        replace_with(temporaries[0], directory / WEIGHTS_FILE)
+        replace_with(temporaries[1], directory / CONFIG_FILE)
+    except OSError as err:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+        raise WeightsError(
+            f"could not save the model to {directory}{hint}: {err}; the previous files are intact"
+        ) from err
     return directory
 
 
@@ -312,17 +391,36 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise WeightsError(f"{directory} is not a resnetlab model folder: {CONFIG_FILE} is missing") from None
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path} is not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path} is not valid JSON ({err}); it is truncated or corrupt") from err
     if not isinstance(meta, dict) or "config" not in meta:
         raise WeightsError(f"{path} has no 'config' entry: not written by save_pretrained")
     return meta
 
 
 def load_pretrained_dir(directory: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Any], StateDict]:
+    """``config.json`` and the tensors of a ``save_pretrained`` folder.
+
+    With ``verify=True`` (the default) the weights must match the sha256 recorded in ``config.json``;
+    a folder without one is refused. ``verify=False`` is for folders you assembled yourself from files
+    you trust: nothing then detects a truncated, damaged or swapped ``model.safetensors``.
+    """
     meta = read_pretrained_config(directory)
-    weights = Path(directory) / WEIGHTS_FILE
-    expected = meta.get("weights_sha256")
-    if verify and expected and weights.is_file() and sha256_file(weights) != expected:
-        raise WeightsError(f"{weights} is corrupt or was modified: its sha256 differs from {CONFIG_FILE}")
-    return meta, load_state_dict_file(weights)
+    config_path, weights = Path(directory) / CONFIG_FILE, Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise WeightsError(f"{weights} is missing: the model folder is incomplete (re-save it with save_pretrained)")
+    data = weights.read_bytes()
+    if verify:
+        expected = meta.get("weights_sha256")
+        if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
+            raise WeightsError(
+                f"{config_path} records no valid 'weights_sha256', so {weights} cannot be verified. "
+                "Re-save the model with resnetlab.save_pretrained; for a folder you assembled yourself from "
+                "files you trust, load it with from_pretrained(folder, verify=False)"
+            )
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise WeightsError(
+                f"{weights} is corrupt or was modified (truncated, damaged, or a save was interrupted): "
+                f"its sha256 differs from the one recorded in {config_path}"
+            )
+    return meta, load_safetensors(data, weights)

@@ -2,7 +2,8 @@
 
 The first waiting request opens a batch; it closes when ``max_batch`` requests are in or ``max_wait_ms``
 has passed since it opened. The forward pass runs in a worker thread, so the event loop keeps accepting
-and decoding requests meanwhile.
+and decoding requests meanwhile. At most ``max_queue`` requests wait; more are refused (``Overloaded``)
+rather than queued without bound.
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ import torch
 from resnetlab.inference import Prediction, Predictor
 
 
+class Overloaded(Exception):
+    """The queue of requests waiting for the model is full: the caller should retry later (HTTP 503)."""
+
+
 class DynamicBatcher:
-    def __init__(self, predictor: Predictor, *, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, predictor: Predictor, *, max_batch: int = 32, max_wait_ms: float = 5.0,
+                 max_queue: int = 256) -> None:  # fmt: skip
         self.predictor = predictor
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait_ms) / 1000
-        self.queue: asyncio.Queue[tuple[torch.Tensor, int, asyncio.Future]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[torch.Tensor, int, asyncio.Future]] = asyncio.Queue(max(1, max_queue))
+        self.refused = 0
         self.batch_sizes: Counter[int] = Counter()
         self.requests = 0
         self._task: asyncio.Task | None = None
@@ -41,7 +48,12 @@ class DynamicBatcher:
 
     async def submit(self, tensor: torch.Tensor, top_k: int) -> Prediction:
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        await self.queue.put((tensor, top_k, future))
+        try:
+            self.queue.put_nowait((tensor, top_k, future))
+        except asyncio.QueueFull:
+            self.refused += 1
+            waiting = self.queue.maxsize
+            raise Overloaded(f"{waiting} requests are already waiting for the model; retry shortly") from None
         return await future
 
     async def _run(self) -> None:
@@ -80,4 +92,5 @@ class DynamicBatcher:
         return {"requests": self.requests, "batches": batches,
                 "mean_batch_size": self.requests / batches if batches else 0.0,
                 "max_batch_size": max(self.batch_sizes, default=0),
-                "batch_sizes": dict(sorted(self.batch_sizes.items())), "queued": self.queue.qsize()}  # fmt: skip
+                "batch_sizes": dict(sorted(self.batch_sizes.items())), "queued": self.queue.qsize(),
+                "refused_queue_full": self.refused}  # fmt: skip

@@ -14,18 +14,33 @@ import torch
 from torch import nn
 
 from resnetlab.data import DataBundle, build_data
+from resnetlab.errors import ConfigError
 
 
 def study_dir(name: str, out: str | Path | None) -> Path:
-    path = Path(out) if out else Path("runs") / "studies" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """``out``, or a new ``runs/studies/<time>-<name>`` folder (suffixed -2, -3... when that exists, so two
+    studies started in the same second never share a folder)."""
+    if out:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base = Path("runs") / "studies" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        path = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            path.mkdir()  # atomic: exactly one study gets each name
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a new study folder next to {base}; pass --out")
 
 
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    fields = list(dict.fromkeys(k for row in rows for k in row))
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str] = ()) -> None:
+    """Rows as CSV: ``fields`` first, then any other key of the rows. No rows still writes the header."""
+    fields = list(dict.fromkeys([*fields, *(k for row in rows for k in row)]))
+    if not fields:
+        raise ValueError(f"{path}: no rows and no field names, nothing to write")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
@@ -53,6 +68,28 @@ def study_data(source: str | None, *, subset: int | None = None, test_subset: in
         picked = evaluation.subset(torch.randperm(len(evaluation), generator=generator)[:test_subset].tolist())
         changes["test" if bundle.test is not None else "val"] = picked
     return dataclasses.replace(bundle, **changes)
+
+
+class EvalSets:
+    """The evaluation images prepared for each model (its input size, mean and std), decoded once per preparation.
+
+    The same seeded subset is drawn every time, so models prepared differently still see the same images."""
+
+    def __init__(self, data: str | None, *, test_subset: int | None, seed: int) -> None:
+        self.data, self.test_subset, self.seed = data, test_subset, seed
+        self._prepared: dict[tuple, tuple[DataBundle, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def for_model(self, model: nn.Module) -> tuple[DataBundle, list[tuple[torch.Tensor, torch.Tensor]]]:
+        c = model.config
+        key = (c.input_size[-1], tuple(c.mean), tuple(c.std))
+        if key not in self._prepared:
+            bundle = study_data(self.data, test_subset=self.test_subset, seed=self.seed, augment="none",
+                                image_size=key[0], mean=c.mean, std=c.std)  # fmt: skip
+            split = bundle.test if bundle.test is not None else bundle.val
+            if split is None:
+                raise ConfigError(f"{bundle.name} has no test or validation split to evaluate on")
+            self._prepared[key] = bundle, eval_batches(split)
+        return self._prepared[key]
 
 
 def eval_batches(dataset: Any, batch_size: int = 500) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -17,22 +17,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from resnetlab.errors import ConfigError
 from resnetlab.loading import load_model
 from resnetlab.models import ResNet
-from resnetlab.studies.common import accuracy, eval_batches, pyplot, study_data, study_dir, write_csv, write_report
+from resnetlab.studies.common import EvalSets, accuracy, pyplot, study_dir, write_csv, write_report
 
 
 @contextmanager
 def lesioned(model: ResNet, indices: set[int]):
-    """Temporarily delete the residual branch of the blocks at ``indices``."""
+    """Temporarily delete the residual branch of the blocks at ``indices``; every block gets its own state back."""
     blocks = model.blocks()
+    saved = [block.lesioned for block in blocks]
     try:
         for i in indices:
             blocks[i].lesioned = True
         yield model
     finally:
-        for block in blocks:
-            block.lesioned = False
+        for block, state in zip(blocks, saved):
+            block.lesioned = state
 
 
 def can_delete(model: ResNet, index: int) -> bool:
@@ -58,13 +60,21 @@ def single_lesions(model: ResNet, batches: list) -> list[dict[str, Any]]:
     return rows
 
 
+def deletable_blocks(model: ResNet) -> list[int]:
+    return [i for i in range(len(model.blocks())) if can_delete(model, i)]
+
+
 def random_lesions(model: ResNet, batches: list, ks: list[int], samples: int, seed: int) -> list[dict[str, Any]]:
+    """Accuracy with ``k`` deletable blocks deleted at random, ``samples`` draws per k (one for k = 0)."""
     rng = random.Random(seed)
-    deletable = [i for i in range(len(model.blocks())) if can_delete(model, i)]
+    deletable = deletable_blocks(model)
+    too_many = [k for k in ks if k > len(deletable)]
+    if too_many:
+        raise ConfigError(f"cannot delete {too_many} blocks: {model.name} has {len(deletable)} deletable blocks")
     rows = []
     for k in ks:
         for _ in range(samples if k else 1):
-            chosen = set(rng.sample(deletable, min(k, len(deletable))))
+            chosen = set(rng.sample(deletable, k))
             with lesioned(model, chosen):
                 rows.append(dict(k=k, accuracy=accuracy(model, batches)))
     return rows
@@ -79,22 +89,28 @@ def path_gradient_magnitudes(model: ResNet, batch: tuple[torch.Tensor, torch.Ten
     rng = random.Random(seed)
     blocks = model.blocks()
     n = len(blocks)
+    saved = [(block.lesioned, block.use_shortcut) for block in blocks]
+    was_training = model.training
     model.eval()
     x, y = batch
     rows = []
-    for k in range(n + 1):
-        norms = []
-        for _ in range(samples):
-            chosen = set(rng.sample(range(n), k))
-            for i, block in enumerate(blocks):
-                block.lesioned = i not in chosen
-                block.use_shortcut = i not in chosen
-            inputs = x.clone().requires_grad_(True)
-            F.cross_entropy(model(inputs), y).backward()
-            norms.append(inputs.grad.flatten(1).norm(dim=1).mean().item())
-        rows.append(dict(length=k, paths=math.comb(n, k), gradient=sum(norms) / len(norms)))
-    for block in blocks:
-        block.lesioned, block.use_shortcut = False, True
+    try:
+        for k in range(n + 1):
+            norms = []
+            for _ in range(samples):
+                chosen = set(rng.sample(range(n), k))
+                for i, block in enumerate(blocks):
+                    block.lesioned = i not in chosen
+                    block.use_shortcut = i not in chosen
+                inputs = x.clone().requires_grad_(True)
+                F.cross_entropy(model(inputs), y).backward()
+                norms.append(inputs.grad.flatten(1).norm(dim=1).mean().item())
+            rows.append(dict(length=k, paths=math.comb(n, k), gradient=sum(norms) / len(norms)))
+    finally:  # each block as it was: a plain net stays plain
+        for block, (lesioned_state, shortcut) in zip(blocks, saved):
+            block.lesioned, block.use_shortcut = lesioned_state, shortcut
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
     total = sum(r["paths"] * r["gradient"] for r in rows)
     for r in rows:
         r["path_fraction"] = r["paths"] / 2**n
@@ -112,80 +128,138 @@ def lesion_study(
     ks: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12),
     samples: int = 5,
     path_samples: int = 3,
+    path_images: int = 100,
     out: str | Path | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    folder = study_dir("lesion", out)
+    """Lesion the residual net ``source`` (and the plain net ``plain``): each block alone, k at random; paths.
+
+    Each net is evaluated on the same test images, prepared as it was trained (size, mean, std). Path
+    gradients: ``path_samples`` random paths of each length, on the first ``path_images`` test images."""
     model = load_model(source, pretrained=pretrained).eval()
-    c = model.config
-    bundle = study_data(data, test_subset=test_subset, seed=seed, augment="none", image_size=c.input_size[-1],
-                        mean=c.mean, std=c.std)  # fmt: skip
-    batches = eval_batches(bundle.test if bundle.test is not None else bundle.val)
-    results: dict[str, Any] = {}
+    if not all(block.use_shortcut for block in model.blocks()):
+        raise ConfigError(f"{source} ({model.name}) has blocks without a shortcut: pass a residual net as the "
+                          "source and the plain net as --plain")  # fmt: skip
+    if min(samples, path_samples, path_images) < 1:
+        raise ConfigError(f"samples, path samples and path images must be at least 1, got {samples}, "
+                          f"{path_samples}, {path_images}")  # fmt: skip
+    folder = study_dir("lesion", out)
+    eval_sets = EvalSets(data, test_subset=test_subset, seed=seed)
     nets = {"residual": model}
     if plain:
         nets["plain"] = load_model(plain).eval()
-    rows, summary = [], {"data": bundle.name, "images": sum(len(y) for _, y in batches), "folder": str(folder)}
+    results: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
     for kind, net in nets.items():
+        bundle, batches = eval_sets.for_model(net)
         intact = accuracy(net, batches)
         single = single_lesions(net, batches)
-        multi = random_lesions(net, batches, [k for k in ks if k <= len(net.blocks())], samples, seed)
+        deletable = len(deletable_blocks(net))
+        multi = random_lesions(net, batches, [k for k in ks if k <= deletable], samples, seed)
         results[kind] = dict(intact=intact, single=single, multi=multi)
         rows += [dict(net=kind, kind="single", **r) for r in single] + [
             dict(net=kind, kind="random", **r) for r in multi
         ]
-        kept = [r["accuracy"] for r in single if not r["downsampling"] and not math.isnan(r["accuracy"])]
-        measured = [r["accuracy"] for r in single if not math.isnan(r["accuracy"])]
-        summary[kind] = dict(
-            model=net.name, intact=intact, chance=100 / net.config.num_classes,
-            mean_single_lesion_nondownsampling=sum(kept) / len(kept) if kept else float("nan"),
-            worst_single_lesion=min(measured, default=float("nan")),
-        )  # fmt: skip
-    paths = path_gradient_magnitudes(model, batches[0], path_samples, seed)
-    write_csv(folder / "lesions.csv", rows)
-    write_csv(folder / "paths.csv", paths)
+        summary[kind] = _net_summary(net, intact, single, multi, deletable)
+    summary.update(data=bundle.name, images=sum(len(y) for _, y in batches), folder=str(folder),
+                   path_images=min(path_images, len(batches[0][1])), path_samples=path_samples)  # fmt: skip
+    x, y = eval_sets.for_model(model)[1][0]
+    paths = path_gradient_magnitudes(model, (x[:path_images], y[:path_images]), path_samples, seed)
+    write_csv(folder / "lesions.csv", rows, ("net", "kind", "block", "downsampling", "k", "accuracy"))
+    write_csv(folder / "paths.csv", paths, ("length", "paths", "gradient", "path_fraction", "gradient_share"))
     _plot(results, paths, folder / "lesion.png")
     n = len(model.blocks())
-    effective = sorted(paths, key=lambda r: -r["gradient_share"])[:1][0]["length"]
+    effective = max(paths, key=lambda r: r["gradient_share"])["length"]
     summary["paths"] = dict(blocks=n, most_gradient_at_length=effective,
                             mean_path_length=sum(r["length"] * r["path_fraction"] for r in paths))  # fmt: skip
-    r = summary["residual"]
-    paragraphs = [
-        f"Model {r['model']} on {bundle.name} ({summary['images']} test images): intact {r['intact']:.2f}%; "
-        f"deleting one non-downsampling block leaves {r['mean_single_lesion_nondownsampling']:.2f}% on average; "
-        f"the worst single deletion leaves {r['worst_single_lesion']:.2f}%.",
-    ]
-    if "plain" in summary:
-        p = summary["plain"]
-        paragraphs.append(
-            f"Plain net {p['model']}: intact {p['intact']:.2f}%; deleting one layer leaves "
-            f"{p['mean_single_lesion_nondownsampling']:.2f}% on average (chance: {p['chance']:.1f}%)."
-        )
-    mean_length = summary["paths"]["mean_path_length"]
-    paragraphs += [
-        f"Paths: {n} blocks give 2^{n} paths, mean length {mean_length:.1f}; the largest share of the input "
-        f"gradient comes from paths of length {effective}.",
-        "![lesion](lesion.png)",
-    ]
-    write_report(folder, "Lesion study", paragraphs, summary)
+    write_report(folder, "Lesion study", _report(summary, results, n, effective), summary)
     return summary
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _net_summary(net: ResNet, intact: float, single: list[dict[str, Any]], multi: list[dict[str, Any]],
+                 deletable: int) -> dict[str, Any]:  # fmt: skip
+    """The figures of one net: intact, single lesions split by downsampling or not, mean per random k."""
+    measured = [r for r in single if not math.isnan(r["accuracy"])]
+    kept = [r["accuracy"] for r in measured if not r["downsampling"]]
+    down = [r for r in single if r["downsampling"]]
+    return dict(
+        model=net.name, intact=intact, chance=100 / net.config.num_classes, blocks=len(single),
+        deletable_blocks=deletable,
+        mean_single_lesion_nondownsampling=_mean(kept),
+        worst_single_lesion_nondownsampling=min(kept, default=None),
+        single_lesion_downsampling={str(r["block"]): None if math.isnan(r["accuracy"]) else r["accuracy"]
+                                    for r in down},
+        mean_single_lesion_downsampling=_mean([r["accuracy"] for r in down if not math.isnan(r["accuracy"])]),
+        worst_single_lesion=min((r["accuracy"] for r in measured), default=None),
+        random_lesions={str(k): _mean([r["accuracy"] for r in multi if r["k"] == k])
+                        for k in sorted({r["k"] for r in multi})},
+    )  # fmt: skip
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}%"
+
+
+def _report(summary: dict[str, Any], results: dict[str, Any], n: int, effective: int) -> list[str]:
+    kinds = list(results)
+    paragraphs = [f"Data: {summary['data']}, {summary['images']} test images."]
+    for kind in kinds:
+        s = summary[kind]
+        down = ", ".join(f"block {b}: {_pct(a)}" for b, a in s["single_lesion_downsampling"].items()) or "none"
+        what = "block" if kind == "residual" else "layer pair (block without shortcut)"
+        paragraphs.append(
+            f"{kind.capitalize()} net {s['model']}: intact {_pct(s['intact'])} (chance {s['chance']:.1f}%). "
+            f"Deleting one non-downsampling {what} leaves {_pct(s['mean_single_lesion_nondownsampling'])} on "
+            f"average (worst {_pct(s['worst_single_lesion_nondownsampling'])}). Deleting a downsampling block: "
+            f"{down} ('-': cannot be deleted, nothing else carries its input forward)."
+        )
+    header = "| block | downsampling | " + " | ".join(f"{k}: one deleted" for k in kinds) + " |"
+    lines = [header, "|---|---|" + "---|" * len(kinds)]
+    for i, row in enumerate(results[kinds[0]]["single"]):
+        cells = []
+        for kind in kinds:
+            single = results[kind]["single"]
+            cells.append(_pct(single[i]["accuracy"]) if i < len(single) else "")
+        lines.append(f"| {i} | {'yes' if row['downsampling'] else ''} | " + " | ".join(cells) + " |")
+    paragraphs.append("\n".join(lines))
+    ks = sorted({k for kind in kinds for k in (int(k) for k in summary[kind]["random_lesions"])})
+    lines = ["| blocks deleted at random | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for k in ks:
+        lines.append(f"| {k} | " + " | ".join(_pct(summary[kind]["random_lesions"].get(str(k))) for kind in kinds)
+                     + " |")  # fmt: skip
+    paragraphs.append("\n".join(lines))
+    paragraphs += [
+        f"Paths: {n} blocks give 2^{n} paths, mean length {summary['paths']['mean_path_length']:.1f}; the largest "
+        f"share of the input gradient comes from paths of length {effective}.",
+        "![lesion](lesion.png)",
+    ]
+    return paragraphs
+
+
 def _plot(results: dict[str, Any], paths: list[dict[str, Any]], path: Path) -> None:
+    """Single lesions per block (downsampling blocks marked x), random k-block lesions, and the paths."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for kind, res in results.items():
+    for index, (kind, res) in enumerate(results.items()):
+        color = f"C{index}"
         single = res["single"]
-        axes[0].plot([r["block"] for r in single], [r["accuracy"] for r in single], "o-", label=f"{kind}: one deleted")
-        axes[0].axhline(res["intact"], ls=":", color=axes[0].lines[-1].get_color())
+        axes[0].plot([r["block"] for r in single], [r["accuracy"] for r in single], "o-", color=color, ms=4,
+                     label=f"{kind}: one block deleted")  # fmt: skip
+        down = [r for r in single if r["downsampling"]]
+        axes[0].plot([r["block"] for r in down], [r["accuracy"] for r in down], "x", color="black", ms=10, mew=2,
+                     label="downsampling block" if index == 0 else None)  # fmt: skip
+        axes[0].axhline(res["intact"], ls=":", color=color, label=f"{kind}: intact")
         ks = sorted({r["k"] for r in res["multi"]})
-        means = [
-            sum(r["accuracy"] for r in res["multi"] if r["k"] == k) / sum(r["k"] == k for r in res["multi"]) for k in ks
-        ]
-        axes[1].plot(ks, means, "o-", label=kind)
+        means = [_mean([r["accuracy"] for r in res["multi"] if r["k"] == k]) for k in ks]
+        axes[1].plot(ks, means, "o-", color=color, label=kind)
     axes[0].set_xlabel("deleted block")
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     axes[1].set_xlabel("number of blocks deleted at random")
     axes[1].set_ylabel("test accuracy (%)")
     axes[1].legend()

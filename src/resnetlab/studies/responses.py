@@ -11,25 +11,42 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnetlab.errors import ConfigError
 from resnetlab.loading import load_model
 from resnetlab.models import ResNet
-from resnetlab.studies.common import eval_batches, pyplot, study_data, study_dir, write_csv, write_report
+from resnetlab.studies.common import EvalSets, pyplot, study_dir, write_csv, write_report
+
+
+def response_layers(model: ResNet) -> list[nn.Module]:
+    """The module whose output is each 3x3 layer's response, input to output (He et al. 2015, Fig. 7).
+
+    Post-activation blocks: the norm right after each 3x3 conv of the residual branch (``convN`` -> ``bnN``),
+    i.e. after BN, before the ReLU or the addition. Pre-activation blocks: the 3x3 conv itself (its output
+    goes to the next norm or to the addition). The shortcut's projection and the bottlenecks' 1x1 layers
+    are not responses of a 3x3 layer and are left out.
+    """
+    layers = []
+    for block in model.blocks():
+        for name, module in block.named_children():
+            if not (name.startswith("conv") and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3)):
+                continue
+            if block.preact:
+                layers.append(module)
+                continue
+            norm = getattr(block, "bn" + name.removeprefix("conv"), None)
+            if norm is None:
+                raise ConfigError(f"{type(block).__name__}.{name} has no matching norm layer bn{name[4:]}")
+            layers.append(norm)
+    return layers
 
 
 @torch.no_grad()
 def layer_response_stds(model: ResNet, batches: list) -> list[float]:
-    """Std of the output of every norm layer inside the residual blocks, input to output.
+    """Std of each 3x3 layer's response (see ``response_layers``) over ``batches``, input to output.
 
-    For post-activation blocks these are the outputs of each conv after BN (before ReLU or the addition).
+    Per channel over images and positions, then averaged over channels.
     """
-    norms = [m for block in model.blocks() for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    if model.config.preact:  # pre-activation: the conv outputs are the responses
-        norms = [
-            m
-            for block in model.blocks()
-            for m in block.modules()
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
-        ]
+    norms = response_layers(model)
     sums = [torch.zeros(()) for _ in norms]
     squares = [torch.zeros(()) for _ in norms]
     counts = [0 for _ in norms]
@@ -69,19 +86,19 @@ def responses_study(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Layer responses of each model in ``sources`` (run folders, model folders, checkpoints or names)."""
+    if not sources:
+        raise ConfigError("responses needs at least one model (--from)")
     folder = study_dir("responses", out)
     results, rows, bundle = {}, [], None
+    eval_sets = EvalSets(data, test_subset=test_subset, seed=seed)
     for source in sources:
         model = load_model(source, pretrained=pretrained).eval()
-        c = model.config
-        bundle = study_data(data, test_subset=test_subset, seed=seed, augment="none", image_size=c.input_size[-1],
-                            mean=c.mean, std=c.std)  # fmt: skip
-        batches = eval_batches(bundle.test if bundle.test is not None else bundle.val)
+        bundle, batches = eval_sets.for_model(model)
         stds = layer_response_stds(model, batches)
         label = f"{model.name}" if model.name not in results else f"{model.name} ({source})"
         results[label] = stds
         rows += [dict(model=label, layer=i, std=s) for i, s in enumerate(stds)]
-    write_csv(folder / "responses.csv", rows)
+    write_csv(folder / "responses.csv", rows, ("model", "layer", "std"))
     _plot(results, folder / "responses.png")
     summary = {name: {"layers": len(s), "mean_std": sum(s) / len(s), "max_std": max(s)} for name, s in results.items()}
     table = "| model | layers | mean response std | largest |\n|---|---|---|---|\n" + "\n".join(

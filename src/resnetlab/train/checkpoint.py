@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from resnetlab.errors import ResNetLabError, WeightsError
+from resnetlab.models.weights import error_summary, replace_with, write_temporary
 
 
 class CheckpointError(ResNetLabError):
@@ -28,25 +29,11 @@ class CheckpointError(ResNetLabError):
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_with(write_temporary(path, data), path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
         raise CheckpointError(f"could not write {path}{hint}: {err}; the previous file is intact") from err
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
@@ -64,19 +51,44 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and verify a checkpoint written by ``save_checkpoint``."""
+    """Read and verify a checkpoint written by ``save_checkpoint``.
+
+    Every failure is a ``WeightsError`` naming the file: missing, truncated, altered (sha256 mismatch),
+    not a resnetlab checkpoint, or holding anything but plain data (a pickle that would run code is
+    refused by ``weights_only`` loading before anything in it runs).
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
-        payload, digest = outer["payload"], outer["sha256"]
-    except Exception as err:
-        raise WeightsError(f"{path} is truncated, corrupt or not a resnetlab training checkpoint ({err})") from err
-    data = payload.numpy().tobytes()
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise WeightsError(
+            f"{path} is truncated, corrupt or not a resnetlab training checkpoint ({error_summary(err)})"
+        ) from err
+    payload = outer.get("payload") if isinstance(outer, dict) else None
+    digest = outer.get("sha256") if isinstance(outer, dict) else None
+    if not (
+        isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8 and payload.dim() == 1
+        and payload.layout == torch.strided and isinstance(digest, str)
+    ):  # fmt: skip
+        raise WeightsError(
+            f"{path} is not a resnetlab training checkpoint (no verified payload); "
+            "for a plain weights file pass it as pretrained=PATH instead"
+        )
+    data = payload.detach().contiguous().numpy().tobytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise WeightsError(f"{path} is corrupt: its content does not match its sha256")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(
+            f"{path} holds more than plain tensors and values ({error_summary(err)}); resnetlab never unpickles "
+            "code, so it was refused and nothing in it ran"
+        ) from err
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} is not a resnetlab training checkpoint: its state is a {type(state).__name__}")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -86,7 +86,7 @@ class Embeddings:
                                   "or use --out NAME.npy") from err  # fmt: skip
             pd.DataFrame({"file": self.files, "embedding": list(self.vectors)}).to_parquet(out)
         else:
-            out = out.with_suffix(".npy")
+            out = _npy_path(out)
             np.save(out, self.vectors)
             with open(out.with_suffix(".csv"), "w", newline="") as f:
                 writer = csv.writer(f)
@@ -106,7 +106,7 @@ class Embeddings:
 
             frame = pd.read_parquet(path)
             return cls(np.stack(frame["embedding"].to_numpy()), frame["file"].tolist(), meta)
-        path = path.with_suffix(".npy")
+        path = _npy_path(path)
         if not path.is_file() or not path.with_suffix(".csv").is_file():
             raise DataError(f"no embeddings index at {path} (+ .csv); make one with `resnetlab features`")
         with open(path.with_suffix(".csv"), newline="") as f:
@@ -115,6 +115,11 @@ class Embeddings:
         if len(vectors) != len(files):
             raise DataError(f"{path} has {len(vectors)} rows but its .csv lists {len(files)} files")
         return cls(vectors, files, meta)
+
+
+def _npy_path(path: Path) -> Path:
+    """``NAME.npy`` for ``NAME`` or ``NAME.npy``; a dotted name (``emb.v2``) keeps its dots."""
+    return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
 
 
 @torch.no_grad()
@@ -130,6 +135,9 @@ def extract_features(
     from tqdm.auto import tqdm
 
     model = predictor.model
+    if not isinstance(model, ResNet):
+        raise ConfigError(f"embeddings need the PyTorch model (an exported {type(model).__name__} only gives "
+                          "logits); pass the run or model folder it was exported from")  # fmt: skip
     paths = [str(p) for p in files]
     chunks, names, failed = [], [], []
     for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="features", unit="batch"):
@@ -173,3 +181,65 @@ def similar_images(
     predictor = Predictor.load(index.meta["source"], pretrained=index.meta.get("pretrained"), device=device)
     found = extract_features(predictor, collect_images(list(queries)), stage=index.meta.get("stage"))
     return list(zip(found.files, nearest(index, found.vectors, k))), found.failed
+
+
+def folder_labels(files: Sequence[str]) -> list[str]:
+    """The class of each file in an ImageFolder layout: the name of its parent folder."""
+    return [Path(f).parent.name for f in files]
+
+
+def probe_embeddings(
+    train: Embeddings,
+    val: Embeddings,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    labels: Callable[[Sequence[str]], list[str]] = folder_labels,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How useful embeddings are, measured three ways on ``val`` with ``train`` as the labelled set.
+
+    - ``knn``: accuracy (%) of scikit-learn's k-nearest-neighbour classifier (cosine distance) for each k;
+    - ``logistic_regression``: accuracy (%) of a logistic regression on standardised embeddings;
+    - ``retrieval``: precision@k (%) of the ranking ``resnetlab similar`` returns (``nearest``), i.e. the
+      share of each val image's k nearest train images that have its class.
+
+    ``labels`` maps file names to classes (default: the parent folder). ``majority`` is the accuracy of
+    always answering the most common train class: the floor every figure should beat.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not len(train.files) or not len(val.files):
+        raise DataError(f"need train and val embeddings, got {len(train.files)} and {len(val.files)} rows")
+    if train.vectors.shape[1] != val.vectors.shape[1]:
+        raise InputError(f"train embeddings have {train.vectors.shape[1]} dims, val {val.vectors.shape[1]}; "
+                         "embed both with the same model and stage")  # fmt: skip
+    y_train, y_val = np.array(labels(train.files)), np.array(labels(val.files))
+    classes = sorted(set(y_train))
+    if len(classes) < 2:
+        raise DataError(f"the train embeddings hold one class ({classes}); the probes need at least two")
+    if unseen := sorted(set(y_val) - set(classes)):
+        raise DataError(f"val classes {unseen} do not occur in train")
+    ks = sorted({k for k in ks if 1 <= k <= len(y_train)}) or [1]
+
+    def percent(hits: np.ndarray) -> float:
+        return round(100.0 * float(np.mean(hits)), 2)
+
+    knn = {}
+    for k in ks:
+        classifier = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(train.vectors, y_train)
+        knn[str(k)] = percent(classifier.predict(val.vectors) == y_val)
+    logistic = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+    logistic.fit(train.vectors, y_train)
+    found = nearest(train, val.vectors, k=max(ks))
+    train_label = dict(zip(train.files, y_train))
+    same = np.array([[train_label[f] == y for f, _ in matches] for matches, y in zip(found, y_val)])
+    retrieval = {str(k): percent(same[:, :k]) for k in ks}
+    majority = max(classes, key=lambda c: int(np.sum(y_train == c)))
+    return {
+        "train": len(y_train), "val": len(y_val), "classes": classes, "dim": int(train.vectors.shape[1]),
+        "majority": percent(y_val == majority), "knn": knn,
+        "logistic_regression": percent(logistic.predict(val.vectors) == y_val), "retrieval": retrieval,
+    }  # fmt: skip

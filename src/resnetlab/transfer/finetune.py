@@ -107,13 +107,20 @@ def load_pretrained_source(source: str | os.PathLike | None, model: str | None =
         return _as_resnet(create_model(model or "resnet18", **overrides))
     text, path = str(source), Path(source)
     if "_Weights." in text and not path.exists():
-        arch = resolve_name(text.split("_Weights.")[0].lower())
+        arch = _torchvision_weights_arch(text)
         state_dict, extra = fetch_weights(WeightsSource("torchvision", text, "torchvision"))
         net = _as_resnet(create_model(arch, **{**extra, **overrides}))
         load_weights(net, state_dict, origin=text)
         return net
     if path.is_file() and model is not None:
-        return _as_resnet(create_model(model, pretrained=path, **overrides))
+        try:  # a resnetlab training checkpoint describes itself (architecture, preprocessing, labels)
+            net = load_model(path, **overrides)
+        except WeightsError:  # a plain weights file of another library's layout: --model says what it is
+            return _as_resnet(create_model(model, pretrained=path, **overrides))
+        if net.name != resolve_name(model):
+            raise WeightsError(f"{path} is a checkpoint of {net.name}, not {model}; drop --model or pass "
+                               f"--model {net.name}")  # fmt: skip
+        return net
     if not path.exists() and model is not None:  # a weights tag of the named model
         return _as_resnet(create_model(model, pretrained=text, **overrides))
     try:
@@ -123,6 +130,24 @@ def load_pretrained_source(source: str | os.PathLike | None, model: str | None =
             raise WeightsError(f"{err}. If {path} is a torchvision/timm/Hugging Face weights file, also pass the "
                                "architecture (--model resnet50)") from err  # fmt: skip
         raise
+
+
+def _torchvision_weights_arch(name: str) -> str:
+    """Our architecture for a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V2``), or a
+    ``WeightsError`` listing the names torchvision has for it."""
+    from torchvision.models import get_model_weights
+
+    enum_name, _, member = name.partition(".")
+    arch = resolve_name(enum_name.removesuffix("_Weights").lower())
+    try:
+        members = list(get_model_weights(arch).__members__)
+    except (ValueError, KeyError):
+        raise WeightsError(f"torchvision has no weights for {arch} ({name}); pass a weights file with "
+                           f"--model {arch} instead") from None  # fmt: skip
+    if member not in members:
+        valid = ", ".join(f"{enum_name}.{m}" for m in members)
+        raise WeightsError(f"{name} is not a torchvision weights name; {arch} has: {valid}")
+    return arch
 
 
 def _as_resnet(model: Any) -> ResNet:
