@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# OpenMP threads that spin-wait for each other make every op 5-10x slower when the cores are shared
+# (the tests start training subprocesses and torchrun workers beside this one). Must precede `import torch`;
+# subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
