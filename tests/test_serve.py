@@ -408,16 +408,17 @@ def test_clients_disconnecting_mid_body_are_dropped_cleanly(server) -> None:
 
 def gradient_jpeg(width: int, height: int) -> bytes:
     """A large photo-like JPEG that is small on the wire (a smooth gradient)."""
-    y, x = np.mgrid[0:height, 0:width]
-    array = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1).astype("uint8")
+    x = np.linspace(0, 255, width).astype("uint8")[None, :]
+    y = np.linspace(0, 255, height).astype("uint8")[:, None]
+    array = np.stack(np.broadcast_arrays(x, y, (x // 2 + y // 2).astype("uint8")), -1)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "JPEG", quality=85)
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
 
 
 @pytest.mark.slow
 def test_large_images_under_concurrency_keep_memory_bounded(server) -> None:
-    """16 uploads of a 12-Mpx JPEG (258 KB on the wire), all at once: all answered, and the server's peak
+    """16 uploads of a 12-Mpx JPEG (~265 KB on the wire), all at once: all answered, and the server's peak
     memory stays within what its limits allow. Decoding and resizing one such image peaks at ~10 bytes a
     pixel (~126 MB, measured); only ``decode_workers`` images are decoded at once, the others wait. Without
     that cap the default thread pool would decode 6 at once here (min(32, cores + 4)) and exceed the bound."""
@@ -434,8 +435,9 @@ def test_large_images_under_concurrency_keep_memory_bounded(server) -> None:
     decode_workers = max(1, min(4, os.cpu_count() or 1))  # create_app's default
     bound = decode_workers * 12e6 * 16 / 2**20 + 16 * 0.5 + 64  # 16 B a pixel: 1.5x the measured peak
     assert peak < bound, (peak, bound)
-    bomb = gradient_jpeg(5000, 5000)  # 25 Mpx > --max-mpx 20: refused from the header
-    assert httpx.post(server.url + "/predict", content=bomb, timeout=30).status_code == 413
+    too_large = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(too_large, "PNG")  # 25 Mpx > --max-mpx 20, 25 KB: refused from the header
+    assert httpx.post(server.url + "/predict", content=too_large.getvalue(), timeout=30).status_code == 413
     print(f"16 x 12-Mpx JPEG at once in {seconds:.1f} s, {decode_workers} decode workers: "
           f"peak RSS +{peak:.0f} MB (bound {bound:.0f} MB)")
 

@@ -541,7 +541,7 @@ KILL_HOOK = """
 import os, time
 _fsync = os.fsync
 def slow_fsync(fd):
-    time.sleep(0.05)  # widen the window between writing a checkpoint's temporary file and renaming it
+    time.sleep(0.1)  # widen the window between writing a checkpoint's temporary file and renaming it
     _fsync(fd)
 os.fsync = slow_fsync
 marker = os.environ.get("RESNETLAB_TEST_RESUMING")
@@ -575,9 +575,10 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path) -> None:
-    """`resnetlab train` SIGKILLed 20 times at random moments: many while a checkpoint is being written, some
-    while the run is resuming from the last kill. After each kill, last.pt and best.pt on disk are whole;
-    `resnetlab train --resume` ends bit-identical to an uninterrupted run (last.pt, best.pt, model/)."""
+    """`resnetlab train` SIGKILLed 20 times: 10 at random moments after a fresh checkpoint, 5 while a
+    checkpoint is being written, 5 while the run is resuming from the previous kill. After each kill, last.pt
+    and best.pt on disk are whole; `resnetlab train --resume` ends bit-identical to an uninterrupted run
+    (last.pt, best.pt, model/)."""
     reference = _train_cli([*KILL_ARGS, "--run-dir", str(tmp_path / "reference")])
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-2000:]
 
@@ -594,14 +595,18 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path)
     kills, mid_write, in_resume, steps_seen, resume = 0, 0, 0, [], False
     while kills < 20:
         strike_while_resuming = resume and kills % 4 == 3
+        strike_while_writing = kills % 4 == 1
         marker.unlink(missing_ok=True)
         launched = time.time()
         proc = _train_cli(["--resume", str(run_dir)] if resume else [*KILL_ARGS, "--run-dir", str(run_dir)], env)
         if strike_while_resuming:  # while it loads the checkpoint, the data, the model...
             _wait_for(marker.exists, proc)
-        else:  # once this run has written a checkpoint of its own
+            time.sleep(rng.uniform(0.0, 0.3))
+        elif strike_while_writing:  # as soon as its temporary checkpoint file appears
+            _wait_for((checkpoints / f".last.pt.tmp-{proc.pid}").exists, proc)
+        else:  # at a random moment once this run has written a checkpoint of its own
             _wait_for(lambda: last.exists() and last.stat().st_mtime > launched, proc)  # noqa: B023
-        time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is not None:  # the run finished before we struck
             break
         proc.send_signal(signal.SIGKILL)
@@ -613,7 +618,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path)
         if best.exists():
             load_checkpoint(best)
         resume = True
-    proc = _train_cli(["--resume", str(run_dir)], env)
+    proc = _train_cli(["--resume", str(run_dir)])  # the rest of the run, without the test hook
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
     assert kills == 20 and mid_write >= 5 and in_resume >= 3 and len(set(steps_seen)) > 3, (
         kills, mid_write, in_resume, steps_seen)  # fmt: skip
