@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=degradation)
 
     p = kinds.add_parser("gradients", help="per-layer gradient norms, plain vs residual")
-    p.add_argument("--depths", type=_ints, default=(20, 56, 110), help="e.g. 20,56,110,1202 (1202: minutes on CPU)")
+    p.add_argument("--depths", type=_ints, default=(20, 56, 110),
+                   help="e.g. 20,56,110,1202 (1202: minutes on CPU and ~9 GB of memory at --batch-size 16)")
     p.add_argument("--norms", default="batchnorm,none", help="norm layers to compare at initialisation")
     p.add_argument("--train-steps", type=int, default=0, help="also record gradients over this many steps")
     p.add_argument("--train-depths", type=_ints, help="depths to train (default: all of --depths), e.g. 20,56,110")
