@@ -235,26 +235,29 @@ def _plot_training(during: dict[str, list[tuple[int, list[float]]]], path: Path)
     names = list(during)
     grids, low, high = _log_grids(during)
     cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.2 * (len(names) + 1), 4), squeeze=False)
+    fig = plt.figure(figsize=(max(2.6 * len(names), 8), 7.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(1.15, 1))
+    axes = top.subplots(1, len(names), squeeze=False)[0]
     image = None
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes, names):
         steps = [s for s, _ in during[name]]
         grid = grids[name]
         image = ax.imshow(grid.numpy(), aspect="auto", origin="lower", cmap=cmap, vmin=low, vmax=max(high, low + 1e-9),
                           extent=(steps[0] - 0.5, steps[-1] + 0.5, 0, grid.shape[0]))  # fmt: skip
         ax.set_title(name)
         ax.set_xlabel("step")
-    axes[0][0].set_ylabel("conv layer")
-    ratio_ax = axes[0][-1]
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("conv layer (input at the bottom)")
+    if image is not None:
+        top.colorbar(image, ax=list(axes), label="log10 gradient norm")
+    ratio_ax = bottom.subplots()
     for name in names:
         ratios = [first_over_last(g) for _, g in during[name]]
         ratio_ax.semilogy([s for s, _ in during[name]], [r if math.isfinite(r) and r > 0 else math.nan for r in ratios],
                           ls="-" if name.startswith("resnet") else "--", label=name)  # fmt: skip
-    ratio_ax.set_title("first / last layer")
+    ratio_ax.set_title("gradient norm of the first conv layer / the last")
     ratio_ax.set_xlabel("step")
     ratio_ax.grid(alpha=0.3, which="both")
-    ratio_ax.legend(fontsize=7)
-    if image is not None:
-        fig.colorbar(image, ax=axes[0][:-1].tolist(), label="log10 gradient norm")
+    ratio_ax.legend(fontsize=8, ncol=2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
