@@ -203,6 +203,7 @@ def test_study_commands_write_their_outputs(tmp_path, capsys) -> None:
     assert set(grads["first_over_last_at_init"]) == {f"{f}{d}/{n}" for f in ("plain", "resnet") for d in (8, 14)
                                                       for n in ("batchnorm", "none")}  # fmt: skip
     assert set(grads["first_over_last_during_training"]) == {"plain8", "resnet8"}  # only the train depths
+    assert grads["float64_at_init"] == [] and grads["overflow_at_init"] == []
     assert {(r["model"], int(r["step"])) for r in tables["ratios.csv"] if r["model"] == "plain8" and r["step"] != "0"} \
         == {("plain8", s) for s in (1, 2, 4)}  # fmt: skip
     assert {int(r["layer"]) for r in tables["gradients.csv"] if r["model"] == "resnet14"} == set(range(13))

@@ -33,13 +33,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--resume", action="store_true", help="continue the models of --out that have a checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other training option of the recipe, e.g. milestones=[400,600]")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other training option of the recipe, e.g. milestones=[400,600]",
+    )
     common(p)
     p.set_defaults(func=degradation)
 
     p = kinds.add_parser("gradients", help="per-layer gradient norms, plain vs residual")
-    p.add_argument("--depths", type=_ints, default=(20, 56, 110), help="e.g. 20,56,110,1202 (1202: minutes on CPU)")
+    p.add_argument(
+        "--depths",
+        type=_ints,
+        default=(20, 56, 110),
+        help="e.g. 20,56,110,1202 (1202: minutes on CPU and ~9 GB of memory at --batch-size 16)",
+    )
     p.add_argument("--norms", default="batchnorm,none", help="norm layers to compare at initialisation")
     p.add_argument("--train-steps", type=int, default=0, help="also record gradients over this many steps")
     p.add_argument("--train-depths", type=_ints, help="depths to train (default: all of --depths), e.g. 20,56,110")

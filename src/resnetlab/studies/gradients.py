@@ -40,10 +40,16 @@ def gradients_at_init(
     If a norm is not finite in float32 the same model (same seed) is measured again in float64; values
     that still are not finite (inf/NaN) are returned as they are, for the caller to report as overflow.
     """
+    return _at_init(name, batch, seed, options)[0]
+
+
+def _at_init(name: str, batch: tuple[torch.Tensor, torch.Tensor], seed: int,
+             options: dict[str, Any]) -> tuple[list[float], torch.dtype]:  # fmt: skip
+    """``gradients_at_init`` and the precision that measured it."""
     grads = _one_backward(name, batch, seed, torch.float32, options)
     if all(math.isfinite(g) for g in grads):
-        return grads
-    return _one_backward(name, batch, seed, torch.float64, options)
+        return grads, torch.float32
+    return _one_backward(name, batch, seed, torch.float64, options), torch.float64
 
 
 def _one_backward(name: str, batch: tuple[torch.Tensor, torch.Tensor], seed: int, dtype: torch.dtype,
@@ -95,13 +101,15 @@ def gradients_study(
     loader = torch.utils.data.DataLoader(bundle.train, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
     batch = next(iter(loader))
-    rows, at_init, during, diverged = [], {}, {}, {}
+    rows, at_init, during, diverged, in_float64 = [], {}, {}, {}, []
     for norm in norms:
         for depth in depths:
             for family in ("plain", "resnet"):
                 name = f"{family}{depth}"
-                grads = gradients_at_init(name, batch, seed, norm_layer=norm)
+                grads, dtype = _at_init(name, batch, seed, {"norm_layer": norm})
                 at_init[f"{name}/{norm}"] = grads
+                if dtype == torch.float64:
+                    in_float64.append(f"{name}/{norm}")
                 rows += [dict(model=name, norm=norm, step=0, layer=i, grad_norm=g) for i, g in enumerate(grads)]
     for depth in train_depths if train_steps else ():
         for family in ("plain", "resnet"):
@@ -138,7 +146,8 @@ def gradients_study(
         _plot_training(during, folder / "gradients_training.png")
     training = {name: _training_ratios(trace) for name, trace in during.items()}
     summary = {"first_over_last_at_init": _finite_or_none(ratios), "first_layer_at_init": _finite_or_none(first),
-               "overflow_at_init": overflow, "first_over_last_during_training": training, "diverged": diverged,
+               "overflow_at_init": overflow, "float64_at_init": in_float64,
+               "first_over_last_during_training": training, "diverged": diverged,
                "depths": list(depths), "train_depths": list(train_depths) if train_steps else [],
                "train_steps": train_steps, "batch_size": batch_size, "data": bundle.name,
                "folder": str(folder)}  # fmt: skip
@@ -151,6 +160,8 @@ def gradients_study(
            else "."),
         table,
     ]  # fmt: skip
+    if in_float64:
+        paragraphs.append(f"Not finite in float32, measured again in float64: {', '.join(in_float64)}.")
     if overflow:
         paragraphs.append(f"Overflow (gradient norms not finite even in float64): {', '.join(overflow)}.")
     if training:
@@ -224,26 +235,29 @@ def _plot_training(during: dict[str, list[tuple[int, list[float]]]], path: Path)
     names = list(during)
     grids, low, high = _log_grids(during)
     cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.2 * (len(names) + 1), 4), squeeze=False)
+    fig = plt.figure(figsize=(max(2.6 * len(names), 8), 7.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(1.15, 1))
+    axes = top.subplots(1, len(names), squeeze=False)[0]
     image = None
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes, names):
         steps = [s for s, _ in during[name]]
         grid = grids[name]
         image = ax.imshow(grid.numpy(), aspect="auto", origin="lower", cmap=cmap, vmin=low, vmax=max(high, low + 1e-9),
                           extent=(steps[0] - 0.5, steps[-1] + 0.5, 0, grid.shape[0]))  # fmt: skip
         ax.set_title(name)
         ax.set_xlabel("step")
-    axes[0][0].set_ylabel("conv layer")
-    ratio_ax = axes[0][-1]
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("conv layer (input at the bottom)")
+    if image is not None:
+        top.colorbar(image, ax=list(axes), label="log10 gradient norm")
+    ratio_ax = bottom.subplots()
     for name in names:
         ratios = [first_over_last(g) for _, g in during[name]]
         ratio_ax.semilogy([s for s, _ in during[name]], [r if math.isfinite(r) and r > 0 else math.nan for r in ratios],
                           ls="-" if name.startswith("resnet") else "--", label=name)  # fmt: skip
-    ratio_ax.set_title("first / last layer")
+    ratio_ax.set_title("gradient norm of the first conv layer / the last")
     ratio_ax.set_xlabel("step")
     ratio_ax.grid(alpha=0.3, which="both")
-    ratio_ax.legend(fontsize=7)
-    if image is not None:
-        fig.colorbar(image, ax=axes[0][:-1].tolist(), label="log10 gradient norm")
+    ratio_ax.legend(fontsize=8, ncol=2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
