@@ -40,6 +40,7 @@ def test_memory_is_per_contestant_and_grows_with_the_batch() -> None:
 def test_int8_bfloat16_and_channels_last_options() -> None:
     q = benchmark("resnet8", batch=2, backend="onnxruntime", quantize="int8", warmup=1, iters=1)
     assert q["quantize"] == "int8" and q["resnetlab"]["weights_mb"] < 0.15  # int8 weights: ~78k parameters
+    assert q["resnetlab_fp32"]["weights_mb"] > 0.25 and q["speedup_vs_resnetlab_fp32"] > 0  # fp32 in the same run
     b = benchmark("resnet8", batch=2, dtype="bfloat16", channels_last=True, warmup=1, iters=1, train=True)
     assert b["dtype"] == "bfloat16" and b["channels_last"] and b["resnetlab"]["p50_ms"] > 0
 

@@ -222,7 +222,8 @@ def benchmark(
 
     ``dtype="bfloat16"`` runs every contestant under autocast (the same numerics class for all);
     ``channels_last`` puts every PyTorch contestant and the input in that memory format. ``fold_bn`` and
-    ``quantize`` (int8, ONNX Runtime) apply to resnetlab's model only: they are what is being measured.
+    ``quantize`` (int8, ONNX Runtime) apply to resnetlab's model only: they are what is being measured;
+    with ``quantize``, the same model in fp32 is a yardstick too (``resnetlab_fp32``).
     """
     dev = torch.device(device)
     _check(backend, train=train, device=dev, dtype=dtype, quantize=quantize, fold_bn=fold_bn,
@@ -237,6 +238,9 @@ def benchmark(
     options = dict(train=train, dtype=DTYPES[dtype], threads=threads)
     contestants = [_contestant("resnetlab", model, backend, x, fold_bn=fold_bn, quantize=quantize,
                                ort_optimization=ort_optimization, **options)]  # fmt: skip
+    if quantize and compare:  # int8 against the same model in fp32, in the same run
+        contestants.append(_contestant("resnetlab_fp32", model, backend, x, fold_bn=fold_bn,
+                                       ort_optimization=ort_optimization, **options))  # fmt: skip
     import torchvision
 
     if compare and name in torchvision.models.list_models(module=torchvision.models):
@@ -260,7 +264,7 @@ def benchmark(
         result[contestant.label] = {**_stats(measured, batch), "memory_mb": memory, "weights_mb": contestant.weights_mb}
     ours = result["resnetlab"]["p50_ms"]
     for contestant in contestants[1:]:
-        suffix = "" if contestant.label == "torchvision_eager" else contestant.label.removeprefix("torchvision")
-        result[f"speedup_vs_torchvision{suffix}"] = result[contestant.label]["p50_ms"] / ours
+        against = "torchvision" if contestant.label == "torchvision_eager" else contestant.label
+        result[f"speedup_vs_{against}"] = result[contestant.label]["p50_ms"] / ours
     result["torch"] = torch.__version__
     return result

@@ -53,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
                                ("channels-last", r["channels_last"]), (r["dtype"], r["dtype"] != "float32")) if on]
     print(f"{r['model']} {r['mode']}, batch {r['batch']} at {r['image_size']}px, {r['device']}, "
           f"{r['threads']} threads, backend {r['backend']}{''.join(' +' + o for o in options)}")  # fmt: skip
-    for label in ("resnetlab", *(k for k in r if k.startswith("torchvision_"))):
+    for label in ("resnetlab", *(k for k in r if k.startswith(("torchvision_", "resnetlab_")))):
         s = r[label]
         memory = "n/a" if s["memory_mb"] is None else f"{s['memory_mb']:.0f} MB"
         print(f"  {label.replace('_', ' '):<24} p50 {s['p50_ms']:9.2f} ms  p90 {s['p90_ms']:9.2f} ms  "
               f"p99 {s['p99_ms']:9.2f} ms  {s['images_per_second']:9.1f} img/s  memory {memory} "
-              f"(+{s['weights_mb']:.0f} MB weights)")  # fmt: skip
+              f"(+{s['weights_mb']:.1f} MB weights)")  # fmt: skip
     for key in (k for k in r if k.startswith("speedup_vs_")):
         against = key.removeprefix("speedup_vs_").replace("_", " ")
         print(f"  speed-up over {against}{' eager' if against == 'torchvision' else ''}: {r[key]:.2f}x")
