@@ -80,7 +80,7 @@ class ResidualBlock(nn.Module):
         out = x if self.downsample is None else self.downsample(branch_input)
         if not self.lesioned:
             residual = self.drop_path(self.residual(branch_input))
-            out = residual + out if self.use_shortcut else residual
+            out = residual.add_(out) if self.use_shortcut else residual  # in place, as torchvision
         if self.preact:
             return out
         # A lesioned identity block passes its input through: no in-place ReLU on a tensor autograd needs.
