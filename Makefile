@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-quick lint install
+.PHONY: demo test test-quick test-mobile lint install
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,11 @@ test-quick: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests
+
+# TFLite needs ~800 MB (JAX) and downgrades pydantic: it gets an environment of its own.
+MOBILE_VENV ?= .venv-mobile
+test-mobile:
+	test -x $(MOBILE_VENV)/bin/python || $(PYTHON) -m venv $(MOBILE_VENV)
+	$(MOBILE_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(MOBILE_VENV)/bin/pip install -q -e ".[test,tflite,coreml]"
+	RESNETLAB_MOBILE_EXTRAS=1 $(MOBILE_VENV)/bin/python -m pytest -q tests/test_export_mobile.py
