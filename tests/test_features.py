@@ -160,7 +160,7 @@ def test_probe_embeddings_scores_separable_classes_high_and_shuffled_ones_near_c
     rng = np.random.default_rng(0)
     train, val = _labelled(rng, "train", 40), _labelled(rng, "val", 40)
     result = probe_embeddings(train, val, ks=(1, 5))
-    assert result["classes"] == ["ants", "bees"] and result["majority"] == 50.0
+    assert result["classes"] == ["ants", "bees"] and result["largest_class"] == 50.0
     assert result["logistic_regression"] >= 95 and min(result["knn"].values()) >= 90
     assert min(result["retrieval"].values()) >= 85
     swapped = Embeddings(val.vectors, [f.replace("ants", "x").replace("bees", "ants").replace("x", "bees")
