@@ -198,6 +198,7 @@ def test_weight_files_of_other_libraries_load_with_model(make, tmp_path: Path) -
         torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_finetunes_from_a_weights_file_with_model(folder: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     _, path = _torchvision_file(tmp_path)
