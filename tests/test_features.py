@@ -133,7 +133,6 @@ def test_parquet_without_pandas_is_a_clear_error(model_dir: Path, images: Path, 
     assert not out.exists()
 
 
-@pytest.mark.slow  # traces and loads TorchScript
 def test_features_of_an_exported_model_is_a_clear_error(model_dir: Path, images: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     from resnetlab.export import export_model

@@ -183,7 +183,6 @@ def _hf_file(folder: Path) -> tuple[torch.nn.Module, Path]:
     return reference, folder / "hf" / "model.safetensors"
 
 
-@pytest.mark.slow  # imports timm and transformers
 @pytest.mark.parametrize("make", [_torchvision_file, _timm_file, _hf_file], ids=["torchvision", "timm", "hf"])
 def test_weight_files_of_other_libraries_load_with_model(make, tmp_path: Path) -> None:
     torch.manual_seed(0)
