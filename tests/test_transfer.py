@@ -176,8 +176,9 @@ def _timm_file(folder: Path) -> tuple[torch.nn.Module, Path]:
 def _hf_file(folder: Path) -> tuple[torch.nn.Module, Path]:
     import transformers
 
+    # the layout of microsoft/resnet-18
     config = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
-                                       layer_type="basic", num_labels=1000)  # microsoft/resnet-18's layout; fmt: skip
+                                       layer_type="basic", num_labels=1000)  # fmt: skip
     reference = _randomised(transformers.ResNetForImageClassification(config))
     reference.save_pretrained(folder / "hf")  # writes hf/model.safetensors
     return reference, folder / "hf" / "model.safetensors"
