@@ -176,14 +176,14 @@ def _timm_file(folder: Path) -> tuple[torch.nn.Module, Path]:
 def _hf_file(folder: Path) -> tuple[torch.nn.Module, Path]:
     import transformers
 
+    # the layout of microsoft/resnet-18
     config = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
-                                       layer_type="basic", num_labels=1000)  # microsoft/resnet-18's layout; fmt: skip
+                                       layer_type="basic", num_labels=1000)  # fmt: skip
     reference = _randomised(transformers.ResNetForImageClassification(config))
     reference.save_pretrained(folder / "hf")  # writes hf/model.safetensors
     return reference, folder / "hf" / "model.safetensors"
 
 
-@pytest.mark.slow  # imports timm and transformers
 @pytest.mark.parametrize("make", [_torchvision_file, _timm_file, _hf_file], ids=["torchvision", "timm", "hf"])
 def test_weight_files_of_other_libraries_load_with_model(make, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -198,6 +198,7 @@ def test_weight_files_of_other_libraries_load_with_model(make, tmp_path: Path) -
         torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_finetunes_from_a_weights_file_with_model(folder: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     _, path = _torchvision_file(tmp_path)

@@ -28,7 +28,7 @@ def probe(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print(f"{result['train']} train / {result['val']} val embeddings of {result['dim']} dims, "
-          f"classes {', '.join(result['classes'])} (majority class: {result['majority']:.2f}%)")  # fmt: skip
+          f"classes {', '.join(result['classes'])} (largest class: {result['largest_class']:.2f}% of val)")  # fmt: skip
     print(f"logistic regression: {result['logistic_regression']:.2f}%")
     for k, accuracy in result["knn"].items():
         print(f"k-NN k={k}: {accuracy:.2f}%   retrieval precision@{k}: {result['retrieval'][k]:.2f}%")

@@ -203,8 +203,8 @@ def probe_embeddings(
     - ``retrieval``: precision@k (%) of the ranking ``resnetlab similar`` returns (``nearest``), i.e. the
       share of each val image's k nearest train images that have its class.
 
-    ``labels`` maps file names to classes (default: the parent folder). ``majority`` is the accuracy of
-    always answering the most common train class: the floor every figure should beat.
+    ``labels`` maps file names to classes (default: the parent folder). ``largest_class`` is the share of
+    the largest class in ``val``: the best a constant answer can do, the floor every figure should beat.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -237,9 +237,8 @@ def probe_embeddings(
     train_label = dict(zip(train.files, y_train))
     same = np.array([[train_label[f] == y for f, _ in matches] for matches, y in zip(found, y_val)])
     retrieval = {str(k): percent(same[:, :k]) for k in ks}
-    majority = max(classes, key=lambda c: int(np.sum(y_train == c)))
     return {
         "train": len(y_train), "val": len(y_val), "classes": classes, "dim": int(train.vectors.shape[1]),
-        "majority": percent(y_val == majority), "knn": knn,
+        "largest_class": max(percent(y_val == c) for c in classes), "knn": knn,
         "logistic_regression": percent(logistic.predict(val.vectors) == y_val), "retrieval": retrieval,
     }  # fmt: skip
