@@ -61,6 +61,12 @@ def test_capture_outputs_records_named_modules_and_removes_its_hooks() -> None:
         model(x)
     assert outputs["layer2"].shape == (2, 8, 8, 8)
     assert outputs["layer3.0.bn2"].shape == (2, 16, 4, 4)  # a residual branch, before the addition
+    # exactly what the module returned, although the block then adds its shortcut into it in place
+    block = model.layer3[0]
+    branch_input = model.layer2(model.layer1(model.forward_stem(x)))
+    with torch.no_grad():
+        expected = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(branch_input)))))
+    torch.testing.assert_close(outputs["layer3.0.bn2"], expected)
     assert all(not m._forward_hooks for m in model.modules())
     with pytest.raises(InputError, match="no module"), capture_outputs(model, ["layer9"]):
         pass

@@ -31,6 +31,8 @@ from resnetlab.models import ResNet
 def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Record the outputs of the named submodules (``"layer3.1"``, ``"layer4"``) during forward passes.
 
+    Each output is recorded as a detached copy, exactly as the submodule returned it.
+
     >>> with capture_outputs(model, ["layer2", "layer3.0.bn2"]) as outputs:
     ...     model(x)
     >>> outputs["layer2"].shape
@@ -43,7 +45,9 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            outputs[name] = output
+            # A copy: the net later changes some outputs in place (the shortcut is added into a branch's
+            # last BN output, ReLUs run in place), which would alter what was recorded.
+            outputs[name] = output.detach().clone()
 
         return hook
 
