@@ -27,7 +27,7 @@ test-quick: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
 
 # TFLite needs ~800 MB (JAX) and downgrades pydantic: it gets an environment of its own.
 MOBILE_VENV ?= .venv-mobile

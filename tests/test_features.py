@@ -168,8 +168,9 @@ def test_probe_embeddings_scores_separable_classes_high_and_shuffled_ones_near_c
     assert result["classes"] == ["ants", "bees"] and result["largest_class"] == 50.0
     assert result["logistic_regression"] >= 95 and min(result["knn"].values()) >= 90
     assert min(result["retrieval"].values()) >= 85
-    swapped = Embeddings(val.vectors, [f.replace("ants", "x").replace("bees", "ants").replace("x", "bees")
-                                       for f in val.files])  # every val label wrong: the probes must see it
+    swapped = Embeddings(
+        val.vectors, [f.replace("ants", "x").replace("bees", "ants").replace("x", "bees") for f in val.files]
+    )  # every val label wrong: the probes must see it
     wrong = probe_embeddings(train, swapped, ks=(1, 5))
     assert wrong["logistic_regression"] <= 5 and max(wrong["knn"].values()) <= 10
     assert max(wrong["retrieval"].values()) <= 15

@@ -87,7 +87,10 @@ def test_every_model_has_a_plain_twin() -> None:
         assert {**MODELS[name].config, "shortcut": "none"} == MODELS[twin].config
     assert len(MODELS) == 2 * len(residual)
     assert {plain_twin_name(n) for n in ("resnet56", "resnet34", "preact_resnet164", "wrn28_10")} == {
-        "plain56", "plain34", "preact_plain164", "plain_wrn28_10"
+        "plain56",
+        "plain34",
+        "preact_plain164",
+        "plain_wrn28_10",
     }
 
 

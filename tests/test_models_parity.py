@@ -120,8 +120,9 @@ def test_reference_weight_files_load_by_path(tmp_path) -> None:
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    hf_config = transformers.ResNetConfig(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic",
-                                           num_labels=1000)
+    hf_config = transformers.ResNetConfig(
+        hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic", num_labels=1000
+    )
     cases = [
         ("resnet18", "resnet18-tv.pth", torchvision.models.resnet18(), torch.save),
         ("preact_resnet18", "resnetv2_18.safetensors", timm.create_model("resnetv2_18"), save_file),

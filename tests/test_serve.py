@@ -385,8 +385,10 @@ def test_many_slow_clients_at_once_while_normal_requests_succeed(server) -> None
     assert all(line.startswith(b"HTTP/1.1 408") for line, _ in bodies), bodies
     assert all(2.5 < seconds < 8 for _, seconds in bodies), bodies  # the 3 s body deadline, not the read timeout
     assert all(outcome == "closed" and 1.5 < seconds < 8 for outcome, seconds in headers), headers  # 2 s
-    print(f"20 normal requests in {normal_seconds:.1f} s beside 36 slow clients; body drippers cut after "
-          f"{max(s for _, s in bodies):.1f} s at most, header drippers after {max(s for _, s in headers):.1f} s")
+    print(
+        f"20 normal requests in {normal_seconds:.1f} s beside 36 slow clients; body drippers cut after "
+        f"{max(s for _, s in bodies):.1f} s at most, header drippers after {max(s for _, s in headers):.1f} s"
+    )
 
 
 @pytest.mark.slow
@@ -438,8 +440,10 @@ def test_large_images_under_concurrency_keep_memory_bounded(server) -> None:
     too_large = io.BytesIO()
     Image.new("L", (5000, 5000)).save(too_large, "PNG")  # 25 Mpx > --max-mpx 20, 25 KB: refused from the header
     assert httpx.post(server.url + "/predict", content=too_large.getvalue(), timeout=30).status_code == 413
-    print(f"16 x 12-Mpx JPEG at once in {seconds:.1f} s, {decode_workers} decode workers: "
-          f"peak RSS +{peak:.0f} MB (bound {bound:.0f} MB)")
+    print(
+        f"16 x 12-Mpx JPEG at once in {seconds:.1f} s, {decode_workers} decode workers: "
+        f"peak RSS +{peak:.0f} MB (bound {bound:.0f} MB)"
+    )
 
 
 @pytest.mark.slow
@@ -451,5 +455,7 @@ def test_memory_stays_bounded_under_sustained_load(server) -> None:
     assert result["errors"] == {}
     assert grown < 50
     metrics = httpx.get(server.url + "/metrics", timeout=5).json()
-    print(f"600 requests at concurrency 16: 0 errors, RSS {before:.0f} MB -> {before + grown:.0f} MB; "
-          f"server totals so far: {metrics['responses']}")
+    print(
+        f"600 requests at concurrency 16: 0 errors, RSS {before:.0f} MB -> {before + grown:.0f} MB; "
+        f"server totals so far: {metrics['responses']}"
+    )

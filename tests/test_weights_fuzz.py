@@ -384,8 +384,14 @@ _leaves = st.one_of(
     st.builds(torch.zeros, st.integers(0, 4)),
     st.builds(lambda n: torch.zeros(n, dtype=torch.uint8), st.integers(0, 4)),
 )  # fmt: skip
-_values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-    st.sampled_from(["payload", "sha256", "model", "step", "x"]), inner, max_size=3), max_leaves=8)
+_values = st.recursive(
+    _leaves,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["payload", "sha256", "model", "step", "x"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 @fuzz(500)

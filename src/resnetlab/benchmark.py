@@ -226,8 +226,15 @@ def benchmark(
     with ``quantize``, the same model in fp32 is a yardstick too (``resnetlab_fp32``).
     """
     dev = torch.device(device)
-    _check(backend, train=train, device=dev, dtype=dtype, quantize=quantize, fold_bn=fold_bn,
-           ort_optimization=ort_optimization)
+    _check(
+        backend,
+        train=train,
+        device=dev,
+        dtype=dtype,
+        quantize=quantize,
+        fold_bn=fold_bn,
+        ort_optimization=ort_optimization,
+    )
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()

@@ -26,10 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bfloat16: autocast for every contestant (eager and compile backends)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for every contestant")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs (inference, resnetlab's model)")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="int8 static quantization of resnetlab's model (onnxruntime backend; latency only)")
-    p.add_argument("--ort-optimization", default="all", choices=ORT_OPTIMIZATION,
-                   help="ONNX Runtime graph optimisation level (default: all, ONNX Runtime's own default)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 static quantization of resnetlab's model (onnxruntime backend; latency only)",
+    )
+    p.add_argument(
+        "--ort-optimization",
+        default="all",
+        choices=ORT_OPTIMIZATION,
+        help="ONNX Runtime graph optimisation level (default: all, ONNX Runtime's own default)",
+    )
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -49,8 +56,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(r)
         return 0
-    options = [o for o, on in (("fold-bn", r["fold_bn"]), (r["quantize"], r["quantize"]),
-                               ("channels-last", r["channels_last"]), (r["dtype"], r["dtype"] != "float32")) if on]
+    options = [
+        o
+        for o, on in (
+            ("fold-bn", r["fold_bn"]),
+            (r["quantize"], r["quantize"]),
+            ("channels-last", r["channels_last"]),
+            (r["dtype"], r["dtype"] != "float32"),
+        )
+        if on
+    ]
     print(f"{r['model']} {r['mode']}, batch {r['batch']} at {r['image_size']}px, {r['device']}, "
           f"{r['threads']} threads, backend {r['backend']}{''.join(' +' + o for o in options)}")  # fmt: skip
     for label in ("resnetlab", *(k for k in r if k.startswith(("torchvision_", "resnetlab_")))):

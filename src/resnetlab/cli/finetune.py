@@ -18,17 +18,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source", help="what to start from (see above); required unless --resume")
     p.add_argument("--data", help="dataset: ImageFolder folder/archive, cifar10, ...; required unless --resume")
     p.add_argument("--model", help="architecture, for weight files and tags (e.g. resnet50)")
-    p.add_argument("--mode", choices=["linear", "partial", "full"],
-                   help="linear probe, partial (freeze stem + --freeze-stages stages), or full (default)")
+    p.add_argument(
+        "--mode",
+        choices=["linear", "partial", "full"],
+        help="linear probe, partial (freeze stem + --freeze-stages stages), or full (default)",
+    )
     p.add_argument("--freeze-stages", type=int, help="stages kept frozen in partial mode (default 0)")
-    p.add_argument("--bn", choices=["train", "eval", "frozen"],
-                   help="BatchNorm: train (default), eval (keep pretrained statistics), frozen (statistics + affine)")
-    p.add_argument("--lr-decay", type=float,
-                   help="discriminative lr: each part below the head gets this factor more (e.g. 0.5; default 1)")
-    p.add_argument("--unfreeze-every", type=int,
-                   help="gradual unfreezing: one more stage (from the top) every N epochs (default 0: off)")
-    p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="continue an interrupted fine-tuning run with its saved strategy and config")
+    p.add_argument(
+        "--bn",
+        choices=["train", "eval", "frozen"],
+        help="BatchNorm: train (default), eval (keep pretrained statistics), frozen (statistics + affine)",
+    )
+    p.add_argument(
+        "--lr-decay",
+        type=float,
+        help="discriminative lr: each part below the head gets this factor more (e.g. 0.5; default 1)",
+    )
+    p.add_argument(
+        "--unfreeze-every",
+        type=int,
+        help="gradual unfreezing: one more stage (from the top) every N epochs (default 0: off)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="continue an interrupted fine-tuning run with its saved strategy and config",
+    )
     p.add_argument("--recipe", help="training recipe (default: finetune)")
     for flag, kind in (("epochs", int), ("max_iters", int), ("batch_size", int), ("lr", float),
                        ("image_size", int), ("device", str), ("seed", int), ("run_dir", str)):  # fmt: skip

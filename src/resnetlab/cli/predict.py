@@ -21,8 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--csv", type=Path, help="write one row per image here (default for folders: predictions.csv "
-                   "in the current folder, or predictions-1.csv, -2, ... if that exists: nothing is overwritten)")
+    p.add_argument(
+        "--csv",
+        type=Path,
+        help="write one row per image here (default for folders: predictions.csv "
+        "in the current folder, or predictions-1.csv, -2, ... if that exists: nothing is overwritten)",
+    )
     add_json_flag(p)
     p.set_defaults(func=predict)
 

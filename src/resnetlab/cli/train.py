@@ -42,12 +42,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="named recipe or YAML file (default: demo)")
     for name, (kind, text) in FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
-    p.add_argument("--download", action="store_true", default=None,
-                   help="fetch --data cifar10/cifar100 with torchvision when it is not cached (needs internet)")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="fetch --data cifar10/cifar100 with torchvision when it is not cached (needs internet)",
+    )
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
-                   help="torch.compile the training step; MODE: default, reduce-overhead (CUDA graphs, CUDA "
-                   "only), max-autotune, max-autotune-no-cudagraphs")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="torch.compile the training step; MODE: default, reduce-overhead (CUDA graphs, CUDA "
+        "only), max-autotune, max-autotune-no-cudagraphs",
+    )
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
@@ -58,9 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="any other recipe option, e.g. --set milestones=[30,60] --set model_options={shortcut: B}",
     )
-    p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="continue an interrupted run with its saved config; only how it runs may change "
-                   "(--device, --num-workers, --no-progress, --set eval_every=..., ...)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="continue an interrupted run with its saved config; only how it runs may change "
+        "(--device, --num-workers, --no-progress, --set eval_every=..., ...)",
+    )
     p.add_argument(
         "--auto-resume",
         dest="auto_resume",
@@ -80,8 +92,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for images decoded per item")
-    p.add_argument("--ten-crop", action="store_true",
-                   help="average the paper's 10 crops (corners + center, and their mirrors; 5 when not flipped)")
+    p.add_argument(
+        "--ten-crop",
+        action="store_true",
+        help="average the paper's 10 crops (corners + center, and their mirrors; 5 when not flipped)",
+    )
     p.add_argument("--out", help="folder for confusion.png and per_class.csv (default: next to the model)")
     add_json_flag(p)
     p.set_defaults(func=eval_command)
