@@ -152,6 +152,35 @@ def test_class_folders_without_images_are_errors_in_archives_too(tmp_path, pack)
         build_data(texts)
 
 
+def test_select_classes_keeps_those_classes_relabelled_in_order():
+    bundle = build_data()
+    few = bundle.select_classes(["7", "2"], train_per_class=5, eval_per_class=3)
+    assert few.classes == ["7", "2"] and few.num_classes == 2
+    assert collections.Counter(few.train.targets) == {0: 5, 1: 5}
+    assert collections.Counter(few.test.targets) == {0: 3, 1: 3}
+    # the first five sevens of train, in order, now labelled 0; the images are the same
+    sevens = [i for i, t in enumerate(bundle.train.targets) if t == 7][:5]
+    assert torch.equal(few.train.images[[i for i, t in enumerate(few.train.targets) if t == 0]],
+                       bundle.train.images[sevens])  # fmt: skip
+    assert few.train.transform is bundle.train.transform and len(bundle.train) == 1437  # a view
+    assert len(bundle.select_classes(["0"]).train) == collections.Counter(bundle.train.targets)[0]
+    for bad in (["7", "seven"], ["7", "7"], []):
+        with pytest.raises(ConfigError, match="select_classes needs distinct class names"):
+            bundle.select_classes(bad)
+
+
+def test_select_classes_of_photos_decoded_per_item(tmp_path):
+    for label, value in (("ant", 40), ("bee", 120), ("wasp", 200)):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (80, 80), (value, i, 0)).save(tmp_path / "train" / label / f"{i}.png")
+    wasps_and_ants = build_data(tmp_path, image_size=96).select_classes(["wasp", "ant"], train_per_class=2)
+    assert type(wasps_and_ants.train).__name__ == "LazyImageDataset"
+    assert wasps_and_ants.train.targets == [1, 1, 0, 0] and wasps_and_ants.classes == ["wasp", "ant"]
+    assert [wasps_and_ants.train.get_image(i).getpixel((0, 0))[0] for i in range(4)] == [40, 40, 200, 200]
+    assert wasps_and_ants.train.subset([3, 0]).targets == [0, 1]  # relabelled samples carry over
+
+
 def test_class_folder_of_only_other_files_and_an_empty_root_are_clear_errors(tmp_path):
     (tmp_path / "data" / "cat").mkdir(parents=True)
     (tmp_path / "data" / "dog").mkdir()

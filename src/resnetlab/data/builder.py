@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -80,6 +81,25 @@ class DataBundle:
     def mixup_cutmix(self, *, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0):
         """Batch-level ``(images, labels) -> (images, soft labels)`` for this dataset's classes."""
         return mixup_cutmix(self.num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
+
+    def select_classes(self, classes: Sequence[str], *, train_per_class: int | None = None,
+                       eval_per_class: int | None = None) -> DataBundle:  # fmt: skip
+        """The same dataset restricted to ``classes`` (relabelled in that order): e.g. a few-shot target
+        task, or disjoint class sets for pretraining and transfer. ``train_per_class`` /
+        ``eval_per_class``: keep only the first N images of each class of train / of val and test."""
+        unknown = [c for c in classes if c not in self.classes]
+        if unknown or len(set(classes)) != len(classes) or not classes:
+            raise ConfigError(f"select_classes needs distinct class names of {self.name}, got {list(classes)}"
+                              f"{f' ({unknown} unknown)' if unknown else ''}; its classes: {self.classes}")  # fmt: skip
+        keep = [self.classes.index(c) for c in classes]
+
+        def select(split: ImageDataset | None, per_class: int | None) -> ImageDataset | None:
+            return split.select_classes(keep, per_class) if split is not None else None
+
+        return dataclasses.replace(
+            self, classes=list(classes), train=select(self.train, train_per_class),
+            val=select(self.val, eval_per_class), test=select(self.test, eval_per_class),
+        )  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         """Plain-data description (for logs and ``--json``)."""

@@ -1,7 +1,8 @@
 """Map-style datasets yielding ``(transform(image), int label)``, in memory or decoded per item.
 
 Both kinds expose ``targets`` (list of int) and ``classes`` like torchvision's datasets, and make cheap
-views: ``subset(indices)`` for a held-out split and ``with_transform(t)`` so a validation split carved
+views: ``subset(indices)`` for a held-out split, ``select_classes(keep, per_class)`` for a few-shot
+subset of some classes, and ``with_transform(t)`` so a validation split carved
 out of the training images gets the evaluation transform.
 """
 
@@ -48,6 +49,23 @@ class ImageDataset(Dataset):
     def subset(self: _D, indices: Sequence[int]) -> _D:
         raise NotImplementedError
 
+    def select_classes(self: _D, keep: Sequence[int], per_class: int | None = None) -> _D:
+        """A view of the images of classes ``keep`` only (the first ``per_class`` of each, in dataset
+        order, when given), relabelled ``0..len(keep)-1`` in the order of ``keep``."""
+        new_label = {old: new for new, old in enumerate(keep)}
+        counts = dict.fromkeys(keep, 0)
+        indices = []
+        for i, target in enumerate(self.targets):
+            if target in counts and (per_class is None or counts[target] < per_class):
+                counts[target] += 1
+                indices.append(i)
+        view = self.subset(indices)
+        view._relabel([new_label[t] for t in view.targets], [self.classes[c] for c in keep])
+        return view
+
+    def _relabel(self, targets: list[int], classes: list[str]) -> None:
+        self.targets, self.classes = targets, classes
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} images, {len(self.classes)} classes)"
 
@@ -93,6 +111,10 @@ class LazyImageDataset(ImageDataset):
     def subset(self, indices: Sequence[int]) -> LazyImageDataset:
         return LazyImageDataset(self.store, [self.samples[i] for i in indices], self.classes,
                                 self.transform, self.mode)  # fmt: skip
+
+    def _relabel(self, targets: list[int], classes: list[str]) -> None:
+        super()._relabel(targets, classes)
+        self.samples = [(name, target) for (name, _), target in zip(self.samples, targets)]
 
 
 def stratified_split(targets: Sequence[int], held_out: float | int, *, seed: int = 0) -> tuple[list[int], list[int]]:
