@@ -159,15 +159,8 @@ def prepare_data(cfg: TrainConfig, model: ResNet) -> DataBundle:
     """``cfg.data`` normalised as the pretrained model expects (its mean/std; averaged for grey images)."""
     mean, std = cfg.mean or list(model.config.mean), cfg.std or list(model.config.std)
     size = cfg.image_size or model.config.input_size[-1]
-    options = dict(
-        augment=cfg.augment,
-        image_size=size,
-        val_split=cfg.val_split,
-        seed=cfg.seed,
-        download=cfg.download,
-        auto_augment=cfg.auto_augment,
-        random_erasing=cfg.random_erasing,
-    )
+    options = dict(augment=cfg.augment, image_size=size, val_split=cfg.val_split, seed=cfg.seed,
+                   download=cfg.download, auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing)  # fmt: skip
     try:
         return build_data(cfg.data, mean=mean, std=std, **options)
     except ConfigError as err:
