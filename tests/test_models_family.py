@@ -267,3 +267,25 @@ def test_offline_download_fails_with_instructions(monkeypatch, tmp_path) -> None
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(WeightsError, match="RESNETLAB_WEIGHTS_PATH"):
         resnetlab.create_model("resnet18", pretrained=True)
+
+
+def test_hub_weights_in_one_folder_are_told_apart_by_repo(monkeypatch, tmp_path) -> None:
+    """Every hub repo names its file model.safetensors: a local folder holds them under the repo's name."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESNETLAB_WEIGHTS_PATH", str(tmp_path))
+    torch.manual_seed(0)
+    timm_like = resnetlab.create_model("resnet18d").state_dict()
+    save_file(timm_like, str(tmp_path / "timm--resnet18d.ra2_in1k.safetensors"))
+    save_file({"not": torch.zeros(1)}, str(tmp_path / "model.safetensors"))  # someone else's file
+    model = resnetlab.create_model("resnet18d", pretrained="timm_in1k")
+    torch.testing.assert_close(model.state_dict()["conv1.0.weight"], timm_like["conv1.0.weight"])
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(WeightsError, match=r"as timm--resnet34d\.ra2_in1k\.safetensors"):
+        resnetlab.create_model("resnet34d", pretrained="timm_in1k")  # the bare model.safetensors is not taken

@@ -116,7 +116,7 @@ def test_published_weights_carry_class_names(tmp_path, monkeypatch) -> None:
     from safetensors.torch import save_file
     from torchvision.models import ResNet18_Weights
 
-    save_file(timm.create_model("resnet18d").state_dict(), str(tmp_path / "model.safetensors"))
+    save_file(timm.create_model("resnet18d").state_dict(), str(tmp_path / "timm--resnet18d.ra2_in1k.safetensors"))
     monkeypatch.setenv("RESNETLAB_WEIGHTS_PATH", str(tmp_path))  # found here instead of downloaded
     predictor = Predictor(resnetlab.create_model("resnet18d", pretrained="timm_in1k"))
     assert predictor.labels == list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])

@@ -280,7 +280,7 @@ def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
     else:
         filename, url = source.filename, source.ref
     for folder in weights_search_path():
-        candidate = folder / filename
+        candidate = folder / local_weights_name(source, filename)
         if candidate.is_file():
             path = candidate
             break
@@ -291,8 +291,16 @@ def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
     return convert_state_dict(load_state_dict_file(path), source.format), extra
 
 
+def local_weights_name(source: Any, filename: str) -> str:
+    """The name a weights file has in a local weights folder. Hub repos all call theirs
+    ``model.safetensors``, so those are named after the repo: ``timm--resnet50d.ra2_in1k.safetensors``."""
+    if source.kind == "hf_hub":
+        return source.ref.replace("/", "--") + Path(filename).suffix
+    return filename
+
+
 def _download(source: Any, url: str, filename: str) -> Path:
-    target = cache_dir() / "weights" / filename
+    target = cache_dir() / "weights" / local_weights_name(source, filename)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         if source.kind == "hf_hub":
@@ -305,7 +313,8 @@ def _download(source: Any, url: str, filename: str) -> Path:
         raise WeightsError(
             f"could not download {filename} from {url if source.kind != 'hf_hub' else source.ref} "
             f"({type(err).__name__}: {err}). Without internet, download it elsewhere and put it in "
-            f"{target.parent} (or a folder listed in RESNETLAB_WEIGHTS_PATH), or pass pretrained=PATH"
+            f"{target.parent} as {target.name} (or in a folder listed in RESNETLAB_WEIGHTS_PATH), "
+            f"or pass pretrained=PATH"
         ) from err
 
 
