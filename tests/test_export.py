@@ -64,6 +64,24 @@ def test_altered_artifact_is_refused(tmp_path) -> None:
         read_export(path)
 
 
+def test_a_failed_export_leaves_the_previous_one_intact(tmp_path, monkeypatch) -> None:
+    import resnetlab.export.artifacts as artifacts
+
+    path = export_model(resnetlab.create_model("resnet8"), tmp_path / "m.onnx")
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    assert sorted(before) == ["m.onnx", "m.onnx.json"]
+
+    def dies_halfway(net, example, target, opset=None):  # a full disk, a crash, a converter error ...
+        target.write_bytes(b"half an onnx file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifacts, "onnx_export", dies_halfway)
+    with pytest.raises(OSError, match="No space"):
+        export_model(resnetlab.create_model("resnet8", num_classes=3), path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # no temporary file left either
+    assert read_export(path)["config"]["num_classes"] == 10
+
+
 def test_int8_quantized_onnx_agrees_with_fp32(tmp_path) -> None:
     model = _with_stats("resnet8")
     calibration = torch.randn(64, 3, 32, 32)

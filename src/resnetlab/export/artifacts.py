@@ -19,7 +19,7 @@ import torch
 
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.models import ResNet, ResNetConfig
-from resnetlab.models.weights import sha256_file
+from resnetlab.models.weights import replace_with, sha256_file, write_temporary
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2", "tflite": ".tflite",
            "coreml": ".mlpackage"}  # fmt: skip
@@ -81,18 +81,48 @@ def export_model(
         net, folded = fold_batchnorm(model)
     c = model.config
     example = torch.zeros(2, c.in_chans, *((image_size, image_size) if image_size else c.input_size[1:]))
+    # Written beside the target under a hidden name, then renamed into place with its sidecar: a failed or
+    # killed export leaves the previous artifact as it was. (A Core ML package is a folder, which cannot
+    # be renamed over an existing one: it is written in place.)
+    work = path if fmt == "coreml" else path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        validated = _write_artifact(net, example, work, fmt, opset=opset, quantize=quantize,
+                                    calibration=calibration)  # fmt: skip
+        meta = {
+            "resnetlab_export": 1, "format": fmt, "architecture": model.name, "config": c.to_dict(),
+            "fold_bn": fold_bn, "folded_pairs": folded, "quantize": quantize, "torch": torch.__version__,
+            "input_name": "input", "sha256": sha256_path(work),
+        }  # fmt: skip
+        if validated:  # what the converter's own check established (Core ML: spec; TFLite: LiteRT vs PyTorch)
+            meta["validated"] = validated
+        meta_tmp = write_temporary(sidecar(path), json.dumps(meta, indent=2).encode())
+        if work != path:
+            replace_with(work, path)
+        replace_with(meta_tmp, sidecar(path))
+    finally:
+        if work != path:
+            work.unlink(missing_ok=True)
+    return path
+
+
+def _write_artifact(net: torch.nn.Module, example: torch.Tensor, path: Path, fmt: str, *, opset: int | None,
+                    quantize: str | None, calibration: torch.Tensor | None) -> dict[str, Any]:  # fmt: skip
+    """Convert ``net`` to ``fmt`` at ``path``; returns the converter's own validation facts (mobile formats)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     validated: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "onnx":
             target = path.with_name(path.stem + ".fp32.onnx") if quantize else path
-            onnx_export(net, example, target, opset=opset)
-            if quantize:
-                from resnetlab.export.quantize import quantize_onnx_int8
+            try:
+                onnx_export(net, example, target, opset=opset)
+                if quantize:
+                    from resnetlab.export.quantize import quantize_onnx_int8
 
-                quantize_onnx_int8(target, path, calibration)
-                target.unlink()
+                    quantize_onnx_int8(target, path, calibration)
+            finally:
+                if quantize:
+                    target.unlink(missing_ok=True)
         elif fmt in MOBILE:
             from resnetlab.export import mobile
 
@@ -103,15 +133,7 @@ def export_model(
         else:
             program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
             torch.export.save(program, str(path))
-    meta = {
-        "resnetlab_export": 1, "format": fmt, "architecture": model.name, "config": c.to_dict(),
-        "fold_bn": fold_bn, "folded_pairs": folded, "quantize": quantize, "torch": torch.__version__,
-        "input_name": "input", "sha256": sha256_path(path),
-    }  # fmt: skip
-    if validated:  # what the converter's own check established (Core ML: spec; TFLite: LiteRT vs PyTorch)
-        meta["validated"] = validated
-    sidecar(path).write_text(json.dumps(meta, indent=2))
-    return path
+    return validated
 
 
 def onnx_export(net: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
