@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import resnetlab
+from colour_folders import write_colour_folder
 from resnetlab.cli.main import main
 from resnetlab.errors import DataError, InputError
 from resnetlab.inference import Predictor
@@ -180,14 +181,7 @@ def test_probe_embeddings_scores_separable_classes_high_and_shuffled_ones_near_c
 
 def test_cli_probe_retrieval_matches_what_similar_returns(model_dir: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("val", 4)):
-        for label, channel in (("red", 0), ("blue", 2)):
-            (tmp_path / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 100, (16, 16, 3), dtype=np.uint8)
-                pixels[..., channel] += 150
-                Image.fromarray(pixels).save(tmp_path / split / label / f"{i}.png")
+    write_colour_folder(tmp_path, {"train": 6, "val": 4}, noise=100, boost=150)
     for split in ("train", "val"):
         assert main(["features", "--from", str(model_dir), str(tmp_path / split), "--out",
                      str(tmp_path / f"{split}.npy"), "--json"]) == 0  # fmt: skip

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import resnetlab
+from colour_folders import write_colour_folder
 from resnetlab.cli.main import main
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.models.weights import adapt_input_conv
@@ -40,16 +40,7 @@ def source_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ImageFolder of 16 px images: reddish vs bluish squares (learnable in a few steps)."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 24), ("val", 8)):
-        for label, channel in (("red", 0), ("blue", 2)):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
-                pixels[..., channel] += 120
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
-    return root
+    return write_colour_folder(tmp_path_factory.mktemp("colours"), {"train": 24, "val": 8}, noise=120, boost=120)
 
 
 def test_linear_probe_trains_only_the_head() -> None:
