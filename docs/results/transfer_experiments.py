@@ -63,9 +63,10 @@ def ants_bees(per_class: int, epochs: int, batch_size: int, seeds: list[int], ar
     for seed in seeds:
         for arm in arms:
             source, overrides, strategy = ARMS[arm]
+            run_dir = RUNS / f"ants-bees-{per_class}-e{epochs}-{arm}-s{seed}"
             cfg = load_recipe("finetune", model="resnet20", pretrained=source, data=str(data), image_size=32,
                               epochs=epochs, batch_size=batch_size, seed=seed, progress=False, num_workers=0,
-                              run_dir=str(RUNS / f"ants-bees-{per_class}-e{epochs}-{arm}-s{seed}"), **overrides)  # fmt: skip
+                              run_dir=str(run_dir), **overrides)  # fmt: skip
             report(finetune(cfg, FinetuneStrategy(**strategy)), per_class=per_class, epochs=epochs, seed=seed, arm=arm)
 
 
@@ -82,18 +83,21 @@ def cifar_split(pretrain_steps: int, per_class: int, epochs: int, seeds: list[in
     target = cifar.select_classes(target_classes, train_per_class=per_class)
     for seed in seeds:
         for arm, source in (("pretrained", str(pretrained / "model")), ("scratch", None)):
+            run_dir = RUNS / f"cifar-last5-{pretrain_steps}-{per_class}-e{epochs}-{arm}-s{seed}"
             cfg = load_recipe("finetune", model="resnet20", pretrained=source, image_size=32, epochs=epochs,
                               batch_size=32, seed=seed, progress=False, num_workers=0, eval_every=10**6,
-                              run_dir=str(RUNS / f"cifar-last5-{pretrain_steps}-{per_class}-e{epochs}-{arm}-s{seed}"))  # fmt: skip
+                              run_dir=str(run_dir))  # fmt: skip
             report(finetune(cfg, FinetuneStrategy(), bundle=target), per_class=per_class, epochs=epochs, seed=seed,
                    arm=arm, pretrain_steps=pretrain_steps)  # fmt: skip
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in ("ants-bees", "cifar-split"):
+        sys.exit(__doc__)
     kind, *args = sys.argv[1:]
-    ints = [int(a) for a in args[:-2]] if kind == "ants-bees" else [int(a) for a in args[:-1]]
-    seeds = [int(s) for s in (args[-2] if kind == "ants-bees" else args[-1]).split(",")]
-    if kind == "ants-bees":
-        ants_bees(*ints, seeds, args[-1].split(","))
-    else:
-        cifar_split(*ints, seeds)
+    if kind == "ants-bees":  # N EPOCHS BATCH SEEDS ARMS
+        *numbers, seeds, arms = args
+        ants_bees(*map(int, numbers), [int(s) for s in seeds.split(",")], arms.split(","))
+    else:  # PRETRAIN_STEPS N EPOCHS SEEDS
+        *numbers, seeds = args
+        cifar_split(*map(int, numbers), [int(s) for s in seeds.split(",")])
