@@ -80,6 +80,12 @@ def test_a_failed_export_leaves_the_previous_one_intact(tmp_path, monkeypatch) -
         export_model(resnetlab.create_model("resnet8", num_classes=3), path)
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # no temporary file left either
     assert read_export(path)["config"]["num_classes"] == 10
+    (tmp_path / ".m.tmp-999.onnx").write_bytes(b"left by an export that was killed")
+    (tmp_path / ".m.onnx.json.tmp-999").write_text("{")
+    monkeypatch.undo()
+    export_model(resnetlab.create_model("resnet8", num_classes=3), path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # cleared by the next one
+    assert read_export(path)["config"]["num_classes"] == 3
 
 
 def test_int8_quantized_onnx_agrees_with_fp32(tmp_path) -> None:

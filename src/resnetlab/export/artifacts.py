@@ -85,6 +85,9 @@ def export_model(
     # killed export leaves the previous artifact as it was. (A Core ML package is a folder, which cannot
     # be renamed over an existing one: it is written in place.)
     work = path if fmt == "coreml" else path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    for pattern in (f".{path.stem}.tmp-*", f".{sidecar(path).name}.tmp-*"):  # of an export that was killed
+        for leftover in path.parent.glob(pattern):
+            leftover.unlink(missing_ok=True)
     try:
         validated = _write_artifact(net, example, work, fmt, opset=opset, quantize=quantize,
                                     calibration=calibration)  # fmt: skip
