@@ -168,7 +168,8 @@ def finetune(
     if resume is not None:
         if cfg is not None:  # the data settings this run resolved from its model, where cfg leaves them open
             saved = saved_config(resume)
-            cfg = cfg.replace(**{k: getattr(saved, k) for k in RESOLVED if getattr(cfg, k) is None})
+            resolved = {k: getattr(saved, k) for k in RESOLVED if getattr(cfg, k) is None}
+            cfg = cfg.replace(model=saved.model, **resolved)  # the architecture came from the source
         result = train(cfg, resume=resume, bundle=bundle, hooks=StrategyHooks(strategy), callbacks=callbacks)
     else:
         if cfg is None:
