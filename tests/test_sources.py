@@ -129,6 +129,10 @@ def test_a_bare_name_needs_weights_or_random_init(image: Path, capsys: pytest.Ca
     assert main(["eval", "resnet8", "--data", "digits"]) == 1
     assert "without weights" in capsys.readouterr().err
     assert main(["predict", "--from", "resnet8", str(image), "--random-init"]) == 0
+    tagged = resolve_source("resnet20:cifar10_akamaster")  # a name with its weights tag
+    assert (tagged.kind, tagged.name, tagged.weights) == ("name", "resnet20", "cifar10_akamaster")
+    with pytest.raises(ConfigError, match="names its weights tag already"):
+        resolve_source("resnet20:cifar10_akamaster", pretrained="tv_in1k")
     with pytest.raises(ConfigError, match="without weights"):
         load_model("resnet8")
     assert isinstance(load_model("resnet8", random_init=True), resnetlab.ResNet)
