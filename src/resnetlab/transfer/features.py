@@ -193,9 +193,11 @@ def similar_images(
     if "source" not in index.meta:
         raise DataError(f"{index_path} has no .json sidecar naming its model; re-create it with `resnetlab features`")
     named = Path(source).resolve() if Path(source).exists() else source
-    if str(named) != str(index.meta["source"]):
-        raise InputError(f"{index_path} was made with {index.meta['source']}, not {source}: pass --from "
-                         f"{index.meta['source']} (or re-index with `resnetlab features`)")  # fmt: skip
+    made_with = (str(index.meta["source"]), index.meta.get("pretrained"))
+    if (str(named), load_options.get("pretrained")) != made_with:
+        weights = f" --pretrained {made_with[1]}" if made_with[1] else ""
+        raise InputError(f"{index_path} was made with {made_with[0]}{weights}, not {source}: pass --from "
+                         f"{made_with[0]}{weights} (or re-index with `resnetlab features`)")  # fmt: skip
     predictor = Predictor.load(source, device=device, **load_options)
     found = extract_features(predictor, collect_images(list(queries)), stage=index.meta.get("stage"))
     return list(zip(found.files, nearest(index, found.vectors, k))), found.failed
