@@ -308,3 +308,14 @@ MODEL_FOR_SIZE: tuple[tuple[int, str, str], ...] = (
 def model_for_image_size(size: int) -> tuple[str, str]:
     """``(model name, reason)`` for data whose inputs are ``size`` pixels a side."""
     return next((name, why) for limit, name, why in MODEL_FOR_SIZE if size <= limit)
+
+
+def model_for_data(data: str, *, image_size: int | None = None, download: bool = False) -> tuple[str, str]:
+    """``(model name, reason)`` for training on ``data``: its input size decides (see ``MODEL_FOR_SIZE``).
+
+    Small images are decoded into the dataset cache here, which training then reads; photos are only indexed."""
+    from resnetlab.data import build_data
+
+    size = build_data(data, image_size=image_size, download=download, check_images=False).image_size
+    name, why = model_for_image_size(size)
+    return name, f"{why}; {data} is {size} px"

@@ -126,7 +126,7 @@ def train_command(args: argparse.Namespace) -> int:
         result = train(saved_config(args.resume).replace(**_overrides(args)), resume=args.resume)
     else:
         cfg = load_recipe(args.recipe or "demo", **_overrides(args))
-        if cfg.data is not None and not args.recipe and "model" not in _overrides(args):
+        if cfg.data is not None and not args.recipe and not cfg.pretrained and "model" not in _overrides(args):
             cfg = _model_for_data(cfg)
         result = train(cfg)
     if args.json:
@@ -150,14 +150,10 @@ def _model_for_data(cfg: Any) -> Any:
     """The demo recipe's ResNet-20 suits small images; for photos pick ResNet-18 (and say which, and why)."""
     import sys
 
-    from resnetlab.data import build_data
-    from resnetlab.sources import model_for_image_size
+    from resnetlab.sources import model_for_data
 
-    bundle = build_data(cfg.data, image_size=cfg.image_size, download=cfg.download, check_images=False)
-    size = bundle.image_size  # small images are decoded into the cache here, which train then reads
-    name, why = model_for_image_size(size)
-    print(f"resnetlab: no --model given: training {name} ({why}; {cfg.data} is {size} px); pass --model to "
-          "choose another", file=sys.stderr)  # fmt: skip
+    name, why = model_for_data(cfg.data, image_size=cfg.image_size, download=cfg.download)
+    print(f"resnetlab: no --model given: training {name} ({why}); pass --model to choose another", file=sys.stderr)
     return cfg.replace(model=name)
 
 
