@@ -135,12 +135,17 @@ def test_a_bare_name_needs_weights_or_random_init(image: Path, capsys: pytest.Ca
     assert isinstance(load_model("resnet8", random_init=True), resnetlab.ResNet)
 
 
-def test_missing_data_is_named(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_missing_data_is_named(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for argv in (["eval", str(model_dir)], ["study", "lesion", "--from", str(model_dir)],
                  ["study", "responses", "--from", str(model_dir)]):  # fmt: skip
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert "needs --data" in err and "mean/std" not in err, argv
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")  # a truncated model folder: one line, not a traceback
+    assert main(["eval", str(broken)]) == 1
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_similar_opens_only_the_model_named_on_the_command_line(model_dir: Path, tmp_path: Path, image: Path,

@@ -21,7 +21,6 @@ same sources and apply the preprocessing and class names the source carries.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from resnetlab.filetypes import CONTENTS, EXTENSIONS, check_content
 from resnetlab.models import ResNet, ResNetConfig, create_model, from_pretrained
 from resnetlab.models.factory import published_weights
 from resnetlab.models.registry import MODELS, WeightsSource, resolve_name
-from resnetlab.models.weights import CONFIG_FILE, load_weights
+from resnetlab.models.weights import CONFIG_FILE, load_weights, read_pretrained_config
 
 if TYPE_CHECKING:
     from resnetlab.export import ExportedModel
@@ -87,8 +86,7 @@ class Source:
     def training_config(self) -> dict[str, Any] | None:
         """The training config recorded with the source (its data, val split, seed), or None when it has none."""
         if self.kind == "model-dir":
-            assert self.path is not None
-            recorded = json.loads((self.path / CONFIG_FILE).read_text()).get("trained_with")
+            recorded = read_pretrained_config(self.path).get("trained_with")  # type: ignore[arg-type]
             return dict(recorded) if isinstance(recorded, dict) else None
         if self.kind == "checkpoint":
             from resnetlab.train.checkpoint import load_checkpoint
