@@ -11,6 +11,7 @@ import resnetlab
 from resnetlab.cli.main import main
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.export import export_model, fold_batchnorm, max_difference, read_export
+from resnetlab.filetypes import sniff
 from resnetlab.inference import Predictor
 
 
@@ -48,8 +49,13 @@ def test_exports_match_pytorch_with_a_dynamic_batch(fmt: str, tmp_path) -> None:
         assert max_difference(model, path, torch.randn(batch, 3, 32, 32)) <= 1e-4
     meta = read_export(path)
     assert meta["config"]["label_names"] == list("abcd") and meta["folded_pairs"] == 7
-    prediction = Predictor.load(path).predict_tensors(torch.randn(1, 3, 32, 32), top_k=2)[0]
+    assert sniff(path) == fmt  # the content is recognised from the bytes, whatever the name (here m.<fmt>)
+    program = fmt != "onnx"  # TorchScript and .pt2 run code they carry: they load only when allowed
+    prediction = Predictor.load(path, allow_program=program).predict_tensors(torch.randn(1, 3, 32, 32), top_k=2)[0]
     assert set(prediction.labels) <= set("abcd")
+    if program:
+        with pytest.raises(WeightsError, match="--allow-program"):
+            Predictor.load(path)
 
 
 def test_altered_artifact_is_refused(tmp_path) -> None:

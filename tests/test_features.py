@@ -114,7 +114,8 @@ def test_cli_features_then_similar(model_dir: Path, images: Path, tmp_path: Path
     summary = json.loads(capsys.readouterr().out)
     assert summary["count"] == 7 and summary["dim"] == 8 and len(summary["skipped"]) == 1
     assert out.with_suffix(".csv").read_text().splitlines()[0] == "index,file"
-    assert main(["similar", str(images / "rgb.png"), "--index", str(out), "-k", "3", "--json"]) == 0
+    assert main(["similar", str(images / "rgb.png"), "--index", str(out), "--from", str(model_dir), "-k", "3",
+                 "--json"]) == 0  # fmt: skip
     [result] = json.loads(capsys.readouterr().out)["results"]
     # the same pixels: a copy, and the RGBA version (opaque alpha is dropped by load_image)
     assert {Path(m["file"]).name for m in result["matches"]} == {"rgb.png", "rgb_copy.png", "alpha.png"}
@@ -190,7 +191,8 @@ def test_cli_probe_retrieval_matches_what_similar_returns(model_dir: Path, tmp_p
                  "-k", "1", "3", "--json"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     assert result["train"] == 12 and result["val"] == 8 and set(result["knn"]) == {"1", "3"}
-    assert main(["similar", str(tmp_path / "val"), "--index", str(tmp_path / "train.npy"), "-k", "1", "--json"]) == 0
+    assert main(["similar", str(tmp_path / "val"), "--index", str(tmp_path / "train.npy"), "--from", str(model_dir),
+                 "-k", "1", "--json"]) == 0  # fmt: skip
     found = json.loads(capsys.readouterr().out)["results"]
     same = [Path(r["query"]).parent.name == Path(r["matches"][0]["file"]).parent.name for r in found]
     assert result["retrieval"]["1"] == pytest.approx(100 * sum(same) / len(same))

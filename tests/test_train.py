@@ -142,7 +142,7 @@ def test_evaluate_averages_the_logits_of_ten_crops() -> None:
     from resnetlab.train.engine import evaluate, workers_for
 
     torch.manual_seed(0)
-    model = load_model("resnet20", in_chans=1, num_classes=10, **TINY).eval()
+    model = load_model("resnet20", random_init=True, in_chans=1, num_classes=10, **TINY).eval()
     crops = build_data("digits", augment="none", ten_crop=True).test.subset(range(40))
     assert crops[0][0].shape == (5, 1, 16, 16)  # digits are not flipped: the 5 unmirrored crops
     report = evaluate(model, crops, torch.device("cpu"), batch_size=16, num_classes=10)
@@ -362,7 +362,7 @@ def test_optimizer_kernels_train_the_same_run(tmp_path, optimizer) -> None:
         assert_same_trajectory(runs[impl][0], runs["loop"][0])
         for a, b in zip(runs[impl][1].model.parameters(), runs["loop"][1].model.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    model = load_model("resnet20", **TINY)
+    model = load_model("resnet20", random_init=True, **TINY)
     assert build_optimizer(tiny_config(tmp_path), [{"params": list(model.parameters())}],
                            torch.device("cpu")).defaults["fused"] is True  # fmt: skip
 

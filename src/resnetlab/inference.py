@@ -20,8 +20,8 @@ from PIL import Image
 from resnetlab.data import eval_transform, load_image
 from resnetlab.data.images import MAX_IMAGE_PIXELS
 from resnetlab.errors import DataError
-from resnetlab.loading import load_model
 from resnetlab.models import ResNet
+from resnetlab.sources import load_model
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
@@ -56,14 +56,12 @@ class Predictor:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, source: str | os.PathLike, *, pretrained: str | bool | None = None, **kwargs: Any) -> Predictor:
-        """From a run folder, model folder, checkpoint, exported artifact (ONNX, TorchScript, torch.export,
-        with its ``.json`` sidecar), or a model name with ``pretrained`` weights."""
-        from resnetlab.export import ExportedModel, is_export
-
-        if is_export(source):
-            return cls(ExportedModel(source), **kwargs)  # type: ignore[arg-type]
-        return cls(load_model(source, pretrained=pretrained), **kwargs)
+    def load(cls, source: str | os.PathLike, *, pretrained: str | bool | None = None, allow_program: bool = False,
+             random_init: bool = False, **kwargs: Any) -> Predictor:  # fmt: skip
+        """From any source ``resnetlab.sources.load_model`` resolves (run or model folder, checkpoint, export,
+        weights file, a model name with ``pretrained`` weights); its preprocessing and labels come along."""
+        model = load_model(source, pretrained=pretrained, allow_program=allow_program, random_init=random_init)
+        return cls(model, **kwargs)
 
     @property
     def metadata(self) -> dict[str, Any]:

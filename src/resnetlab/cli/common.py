@@ -12,11 +12,33 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
+ALLOW_PROGRAM_HELP = "load TorchScript/.pt2 exports: they are programs, which run code they carry"
+
+
 def add_model_source(parser: argparse.ArgumentParser, *, exports: bool = False) -> None:
-    """``--from`` (what to load; see ``resnetlab.loading.load_model``) and ``--pretrained``."""
-    what = "run/model folder, checkpoint" + (", exported artifact" if exports else "") + ", or a model name"
+    """``--from`` (what to load; see ``resnetlab.sources``), ``--pretrained``, ``--random-init`` and, where
+    exports are accepted, ``--allow-program``."""
+    what = ("run/model folder, checkpoint" + (", exported artifact" if exports else "")
+            + ", weights file, or a model name (with --pretrained TAG or --random-init)")  # fmt: skip
     parser.add_argument("--from", dest="source", required=True, help=what)
-    parser.add_argument("--pretrained", help="weights tag when --from is a name (e.g. tv_in1k, cifar10_akamaster)")
+    add_weights_options(parser)
+    if exports:
+        parser.add_argument("--allow-program", action="store_true", help=ALLOW_PROGRAM_HELP)
+
+
+def add_weights_options(parser: argparse.ArgumentParser) -> None:
+    """``--pretrained [TAG]`` and ``--random-init``: the weights of a model name given as ``--from``."""
+    parser.add_argument("--pretrained", metavar="TAG",
+                        help="weights for a model name: a tag (tv_in1k, cifar10_akamaster), 'default' (the "
+                        "name's first published tag, which is then named) or a weights file")  # fmt: skip
+    parser.add_argument("--random-init", action="store_true",
+                        help="use a model name with untrained (random) weights, on purpose")  # fmt: skip
+
+
+def source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``resnetlab.sources.load_model`` that the source options above set."""
+    return {"pretrained": args.pretrained, "random_init": args.random_init,
+            "allow_program": getattr(args, "allow_program", False)}  # fmt: skip
 
 
 def print_json(obj: Any) -> None:

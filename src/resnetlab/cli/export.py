@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json
+from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +29,9 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from resnetlab.export import FORMATS, export_model, max_difference, read_export
-    from resnetlab.loading import load_model
+    from resnetlab.sources import load_resnet
 
-    model = load_model(args.source, pretrained=args.pretrained).eval()
+    model = load_resnet(args.source, **source_options(args)).eval()
     out = args.out or Path("model" + FORMATS[args.format])
     calibration = None
     if args.quantize:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json
+from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def features(args: argparse.Namespace) -> int:
     from resnetlab.cli.predict import collect_images
     from resnetlab.inference import Predictor
+    from resnetlab.sources import load_resnet
     from resnetlab.transfer.features import extract_features
 
     files = collect_images(args.inputs)
-    predictor = Predictor.load(args.source, pretrained=args.pretrained, device=args.device)
+    predictor = Predictor(load_resnet(args.source, **source_options(args)), device=args.device)
     embeddings = extract_features(predictor, files, stage=args.stage, batch_size=args.batch_size,
                                   progress=not args.json)  # fmt: skip
     source = Path(args.source)

@@ -11,13 +11,14 @@ from resnetlab.train.config import load_recipe, parse_set_option
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a pretrained model on a dataset (new head for its classes)",
-        description="SOURCE: a resnetlab run/model folder or checkpoint; a torchvision/timm/Hugging Face "
+        description="SOURCE: a resnetlab run/model folder or checkpoint (its architecture and input size are "
+        "kept); a published weights file (recognised by its sha256); a torchvision/timm/Hugging Face "
         "weights file (with --model); a torchvision weights name (ResNet50_Weights.IMAGENET1K_V2); or a "
         "weights tag of --model (cifar10_akamaster, tv_in1k); 'none' trains --model from scratch.",
     )  # fmt: skip
     p.add_argument("--from", dest="source", help="what to start from (see above); required unless --resume")
     p.add_argument("--data", help="dataset: ImageFolder folder/archive, cifar10, ...; required unless --resume")
-    p.add_argument("--model", help="architecture, for weight files and tags (e.g. resnet50)")
+    p.add_argument("--model", help="architecture of weights files, tags and 'none' (e.g. resnet50)")
     p.add_argument(
         "--mode",
         choices=["linear", "partial", "full"],

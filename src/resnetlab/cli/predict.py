@@ -7,7 +7,7 @@ import csv
 import sys
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json
+from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
 from resnetlab.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -58,7 +58,7 @@ def predict(args: argparse.Namespace) -> int:
 
     files = collect_images(args.inputs)
     csv_path = args.csv or (default_csv() if any(Path(i).is_dir() for i in args.inputs) else None)
-    predictor = Predictor.load(args.source, pretrained=args.pretrained, device=args.device)
+    predictor = Predictor.load(args.source, device=args.device, **source_options(args))
     done, failed = predictor.predict_files(files, batch_size=args.batch_size, top_k=args.top_k,
                                            progress=not args.json and len(files) > args.batch_size)  # fmt: skip
     for path, reason in failed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_model_source
+from resnetlab.cli.common import add_model_source, source_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from resnetlab.inference import Predictor
     from resnetlab.serve import serve
 
-    predictor = Predictor.load(args.source, pretrained=args.pretrained, device=args.device)
+    predictor = Predictor.load(args.source, device=args.device, **source_options(args))
     serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           max_body_bytes=int(args.max_body_mb * 2**20), read_timeout=args.read_timeout,
           body_timeout=args.body_timeout, header_timeout=args.header_timeout, max_concurrent=args.max_concurrent,

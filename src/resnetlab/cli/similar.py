@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("similar", help="find the indexed images most similar to query images",
-                       description="Embeds the queries with the index's own model and stage, then ranks the "
-                       "index by cosine similarity.")  # fmt: skip
+                       description="Embeds the queries with --from (the model the index was made with) at the "
+                       "index's stage, then ranks the index by cosine similarity.")  # fmt: skip
     p.add_argument("queries", nargs="+", help="query image files and/or folders")
     p.add_argument("--index", required=True, help="embeddings file from `resnetlab features` (.npy or .parquet)")
+    add_model_source(p)  # the model is named here: an index file never chooses what is loaded
     p.add_argument("-k", "--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     add_json_flag(p)
@@ -22,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def similar(args: argparse.Namespace) -> int:
     from resnetlab.transfer.features import similar_images
 
-    results, failed = similar_images(args.index, args.queries, k=args.top_k, device=args.device)
+    results, failed = similar_images(args.index, args.queries, source=args.source, k=args.top_k, device=args.device,
+                                     **source_options(args))  # fmt: skip
     if args.json:
         print_json({"results": [{"query": q, "matches": [{"file": f, "score": s} for f, s in m]}
                                 for q, m in results],

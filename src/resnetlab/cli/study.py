@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.cli.common import add_json_flag, add_weights_options, print_json
 from resnetlab.train.config import parse_set_option
 
 
@@ -18,7 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = study.add_subparsers(dest="study", metavar="STUDY", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", help="dataset (default: digits); e.g. ../shared/data/cifar10-jpeg.tar.xz")
+        p.add_argument(
+            "--data",
+            help="dataset, e.g. ../shared/data/cifar10-jpeg.tar.xz (default: digits; for "
+            "lesion and responses, the data the models were trained on)",
+        )
         p.add_argument("--out", help="output folder (default runs/studies/<time>-<study>)")
         p.add_argument("--seed", type=int, default=0)
         add_json_flag(p)
@@ -61,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = kinds.add_parser("lesion", help="delete residual blocks at test time (Veit et al. 2016)")
     p.add_argument("--from", dest="source", required=True, help="run/model folder, checkpoint, or a model name")
-    p.add_argument("--pretrained", help="weights tag when --from is a name (e.g. cifar10_akamaster)")
+    add_weights_options(p)
     p.add_argument("--plain", help="a trained plain net to lesion for comparison")
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--samples", type=int, default=5, help="random draws per number of deleted blocks")
@@ -72,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = kinds.add_parser("responses", help="std of each layer's response (paper Fig. 7)")
     p.add_argument("--from", dest="sources", nargs="+", required=True, help="models to compare")
-    p.add_argument("--pretrained", help="weights tag for names in --from")
+    add_weights_options(p)
     p.add_argument("--test-subset", type=int, default=1000)
     common(p)
     p.set_defaults(func=responses)
@@ -116,7 +120,8 @@ def lesion(args: argparse.Namespace) -> int:
     from resnetlab.studies import lesion_study
 
     return _finish(args, lesion_study(
-        args.source, plain=args.plain, pretrained=args.pretrained, data=args.data, test_subset=args.test_subset,
+        args.source, plain=args.plain, pretrained=args.pretrained, random_init=args.random_init, data=args.data,
+        test_subset=args.test_subset,
         samples=args.samples, path_samples=args.path_samples, path_images=args.path_images, out=args.out,
         seed=args.seed,
     ))  # fmt: skip
@@ -127,6 +132,7 @@ def responses(args: argparse.Namespace) -> int:
     from resnetlab.studies import responses_study
 
     return _finish(args, responses_study(
-        args.sources, pretrained=args.pretrained, data=args.data, test_subset=args.test_subset, out=args.out,
+        args.sources, pretrained=args.pretrained, random_init=args.random_init, data=args.data,
+        test_subset=args.test_subset, out=args.out,
         seed=args.seed,
     ))  # fmt: skip

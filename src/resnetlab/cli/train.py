@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.cli.common import ALLOW_PROGRAM_HELP, add_json_flag, add_weights_options, print_json, source_options
 from resnetlab.train.config import load_recipe, parse_set_option, recipe_names
 
 # CLI flag -> TrainConfig field, for the options users change most; everything else via --set key=value.
@@ -85,10 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="evaluate a trained model on a dataset",
                        description="Top-1/top-5, per-class accuracy and a confusion-matrix PNG.")  # fmt: skip
-    p.add_argument("model", help="a run folder, a save_pretrained folder, a checkpoint, or a model name")
-    p.add_argument("--data", help="dataset (default: the one the model was trained on)")
+    p.add_argument("model", help="a run folder, a save_pretrained folder, a checkpoint, an exported model, a "
+                   "weights file, or a model name (with --pretrained TAG)")  # fmt: skip
+    p.add_argument("--data", help="dataset (default: the one the model records it was trained on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--pretrained", help="weights tag when MODEL is a name (e.g. cifar10_akamaster)")
+    add_weights_options(p)
+    p.add_argument("--allow-program", action="store_true", help=ALLOW_PROGRAM_HELP)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for images decoded per item")
@@ -123,7 +125,10 @@ def train_command(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues a run with its saved recipe; drop --recipe")
         result = train(saved_config(args.resume).replace(**_overrides(args)), resume=args.resume)
     else:
-        result = train(load_recipe(args.recipe or "demo", **_overrides(args)))
+        cfg = load_recipe(args.recipe or "demo", **_overrides(args))
+        if cfg.data is not None and not args.recipe and not cfg.pretrained and "model" not in _overrides(args):
+            cfg = _model_for_data(cfg)
+        result = train(cfg)
     if args.json:
         print_json(result.summary())
         return 0
@@ -141,12 +146,23 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_for_data(cfg: Any) -> Any:
+    """The demo recipe's ResNet-20 suits small images; for photos pick ResNet-18 (and say which, and why)."""
+    import sys
+
+    from resnetlab.sources import model_for_data
+
+    name, why = model_for_data(cfg.data, image_size=cfg.image_size, download=cfg.download)
+    print(f"resnetlab: no --model given: training {name} ({why}); pass --model to choose another", file=sys.stderr)
+    return cfg.replace(model=name)
+
+
 def eval_command(args: argparse.Namespace) -> int:
     """Evaluate a trained model; write the confusion matrix and per-class accuracy."""
     from resnetlab.train.evaluation import evaluate_model
 
     report = evaluate_model(
-        args.model, data=args.data, split=args.split, pretrained=args.pretrained, batch_size=args.batch_size,
+        args.model, data=args.data, split=args.split, **source_options(args), batch_size=args.batch_size,
         device=args.device, ten_crop=args.ten_crop, num_workers=args.num_workers,
         out_dir=Path(args.out) if args.out else None,
     )  # fmt: skip

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from resnetlab.errors import ConfigError, WeightsError
+from resnetlab.filetypes import CONTENTS, PROGRAMS, check_content
 from resnetlab.models import ResNet, ResNetConfig
 from resnetlab.models.weights import replace_with, sha256_file, write_temporary
 
@@ -203,16 +204,35 @@ def read_export(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightsError(f"{path} has no metadata file {sidecar(path).name}; re-export it with resnetlab") from None
     except json.JSONDecodeError as err:
         raise WeightsError(f"{sidecar(path)} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{sidecar(path)} is not a resnetlab export sidecar (a JSON object)")
     if sha256_path(path) != meta.get("sha256"):
         raise WeightsError(f"{path} is corrupt or was modified: its sha256 differs from {sidecar(path).name}")
     return meta
 
 
-def load_export(path: str | os.PathLike, *, threads: int | None = None) -> tuple[Forward, ResNetConfig, dict[str, Any]]:
-    """A forward function (float tensor -> logits), the model config and the metadata of an artifact."""
+def load_export(path: str | os.PathLike, *, threads: int | None = None,
+                allow_program: bool = False) -> tuple[Forward, ResNetConfig, dict[str, Any]]:  # fmt: skip
+    """A forward function (float tensor -> logits), the model config and the metadata of an artifact.
+
+    The loader is chosen from the artifact's content (``filetypes.check_content``), which must agree with
+    its extension and with the sidecar's ``format``: a file named ``.onnx`` is only ever opened by ONNX
+    Runtime. TorchScript and torch.export artifacts are programs (loading one runs code it carries): they
+    load only with ``allow_program=True``.
+    """
     meta = read_export(path)
-    config = ResNetConfig.from_dict(meta["config"])
-    fmt = meta["format"]
+    fmt = meta.get("format")
+    if fmt not in FORMATS:
+        raise WeightsError(f"{sidecar(Path(path)).name} names an unknown format {fmt!r}")
+    check_content(path, (fmt,))
+    if fmt in PROGRAMS and not allow_program:
+        raise WeightsError(f"{path} is {CONTENTS[fmt]}: loading it runs code it contains. Load it only if you "
+                           "trust its origin, with --allow-program (allow_program=True in Python); the ONNX "
+                           "export runs without that")  # fmt: skip
+    try:
+        config = ResNetConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(f"{sidecar(Path(path)).name} holds no usable model config ({err})") from err
     if fmt == "coreml":
         raise ConfigError("Core ML models run on Apple platforms only; use the ONNX or TFLite export here")
     if fmt == "tflite":
@@ -247,8 +267,9 @@ def load_export(path: str | os.PathLike, *, threads: int | None = None) -> tuple
 
 
 def max_difference(model: ResNet, path: str | os.PathLike, batch: torch.Tensor) -> float:
-    """Largest absolute difference between the artifact's and the PyTorch model's logits on ``batch``."""
-    forward, _, _ = load_export(path)
+    """Largest absolute difference between the artifact's and the PyTorch model's logits on ``batch``
+    (``path``: an artifact just written by ``export_model``, so its programs are loaded)."""
+    forward, _, _ = load_export(path, allow_program=True)
     with torch.no_grad():
         return float((forward(batch) - model.eval()(batch)).abs().max())
 
@@ -256,9 +277,9 @@ def max_difference(model: ResNet, path: str | os.PathLike, batch: torch.Tensor) 
 class ExportedModel(torch.nn.Module):
     """An exported artifact behind the ``ResNet`` interface that ``Predictor`` uses (``config``, ``name``)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, *, allow_program: bool = False) -> None:
         super().__init__()
-        self.run, self.config, self.meta = load_export(path, threads=threads)
+        self.run, self.config, self.meta = load_export(path, threads=threads, allow_program=allow_program)
         self.name = f"{self.meta['architecture']} ({self.meta['format']}{', int8' if self.meta['quantize'] else ''})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

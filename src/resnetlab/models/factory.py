@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,19 @@ from torch import nn
 
 from resnetlab.errors import WeightsError
 from resnetlab.models.config import ResNetConfig
-from resnetlab.models.registry import MODELS, get_config, resolve_name
+from resnetlab.models.registry import MODELS, WeightsSource, get_config, resolve_name
 from resnetlab.models.resnet import FeatureExtractor, ResNet
 from resnetlab.models.weights import (
     convert_state_dict,
+    dataset_labels,
     fetch_weights,
     load_pretrained_dir,
     load_state_dict_file,
     load_weights,
+    sha256_file,
 )
+
+PREPROCESSING = ("mean", "std", "input_size", "crop_pct", "interpolation", "label_names")
 
 
 def create_model(
@@ -43,6 +48,11 @@ def create_model(
         state_dict, origin, weight_overrides = _resolve_pretrained(name, pretrained)
     # Preprocessing from the weights applies unless the user overrides it.
     config = get_config(name, **{**weight_overrides, **overrides})
+    if state_dict is not None and not weight_overrides and not set(PREPROCESSING) & set(overrides):
+        warnings.warn(f"{origin} is not a weights file resnetlab knows (by its sha256), so it carries no "
+                      f"preprocessing: assumed {name}'s defaults (input {config.input_size[-1]} px, mean "
+                      f"{config.mean}, std {config.std}) and class names 0..{config.num_classes - 1}; pass the "
+                      "values it was trained with if they differ", stacklevel=2)  # fmt: skip
     model = ResNet(config, name=name)
     if state_dict is not None:
         load_weights(model, state_dict, origin=origin)
@@ -61,12 +71,32 @@ def _resolve_pretrained(name: str, pretrained: bool | str | os.PathLike) -> tupl
     if path.is_dir():
         meta, state_dict = load_pretrained_dir(path)
         saved = meta["config"]
-        keep = ("mean", "std", "input_size", "crop_pct", "interpolation", "label_names")
-        return state_dict, str(path), {k: saved[k] for k in keep if k in saved}
+        return state_dict, str(path), {k: saved[k] for k in PREPROCESSING if k in saved}
     if path.is_file():
-        return convert_state_dict(load_state_dict_file(path)), str(path), {}
+        known = published_weights(path)
+        extra = weights_metadata(known[2]) if known else {}
+        return convert_state_dict(load_state_dict_file(path), known[2].format if known else "auto"), str(path), extra
     tags = ", ".join(entry.weights) or "none"
     raise WeightsError(f"pretrained={pretrained!r} is neither a file, a folder nor a weights tag of {name} ({tags})")
+
+
+def published_weights(path: str | os.PathLike) -> tuple[str, str, WeightsSource] | None:
+    """``(model name, weights tag, source)`` of a published weights file, recognised by its sha256 in
+    ``MODELS`` (the same hashes that check a download), or None for any other file."""
+    prefixes = {w.sha256_prefix: (name, tag, w) for name, entry in MODELS.items()
+                for tag, w in entry.weights.items() if w.sha256_prefix}  # fmt: skip
+    if not prefixes:
+        return None
+    digest = sha256_file(path)
+    return next((found for prefix, found in prefixes.items() if digest.startswith(prefix)), None)
+
+
+def weights_metadata(source: WeightsSource) -> dict[str, Any]:
+    """The preprocessing published weights were trained with, and the class names of their head."""
+    extra: dict[str, Any] = dict(source.config)
+    if source.labels:
+        extra.setdefault("label_names", dataset_labels(source.labels))
+    return extra
 
 
 def from_pretrained(directory: str | os.PathLike, *, verify: bool = True, **overrides: Any) -> ResNet:

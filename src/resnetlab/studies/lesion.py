@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from resnetlab.errors import ConfigError
-from resnetlab.loading import load_model
 from resnetlab.models import ResNet
+from resnetlab.sources import common_data, resolve_source
 from resnetlab.studies.common import EvalSets, accuracy, pyplot, study_dir, write_csv, write_report
 
 
@@ -122,7 +122,8 @@ def lesion_study(
     source: str,
     *,
     plain: str | None = None,
-    pretrained: str | None = None,
+    pretrained: str | bool | None = None,
+    random_init: bool = False,
     data: str | None = None,
     test_subset: int | None = 2000,
     ks: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12),
@@ -136,7 +137,9 @@ def lesion_study(
 
     Each net is evaluated on the same test images, prepared as it was trained (size, mean, std). Path
     gradients: ``path_samples`` random paths of each length, on the first ``path_images`` test images."""
-    model = load_model(source, pretrained=pretrained).eval()
+    resolved = [resolve_source(source, pretrained=pretrained), *([resolve_source(plain)] if plain else [])]
+    data = common_data(resolved, data, "study lesion")  # default: the data the nets were trained on
+    model = resolved[0].load_resnet(random_init=random_init).eval()
     if not all(block.use_shortcut for block in model.blocks()):
         raise ConfigError(f"{source} ({model.name}) has blocks without a shortcut: pass a residual net as the "
                           "source and the plain net as --plain")  # fmt: skip
@@ -147,7 +150,7 @@ def lesion_study(
     eval_sets = EvalSets(data, test_subset=test_subset, seed=seed)
     nets = {"residual": model}
     if plain:
-        nets["plain"] = load_model(plain).eval()
+        nets["plain"] = resolved[1].load_resnet().eval()
     results: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from resnetlab.errors import ConfigError
-from resnetlab.loading import load_model
 from resnetlab.models import ResNet
+from resnetlab.sources import common_data, resolve_source
 from resnetlab.studies.common import EvalSets, pyplot, study_dir, write_csv, write_report
 
 
@@ -79,7 +79,8 @@ def layer_response_stds(model: ResNet, batches: list) -> list[float]:
 def responses_study(
     sources: list[str],
     *,
-    pretrained: str | None = None,
+    pretrained: str | bool | None = None,
+    random_init: bool = False,
     data: str | None = None,
     test_subset: int | None = 1000,
     out: str | Path | None = None,
@@ -90,9 +91,11 @@ def responses_study(
         raise ConfigError("responses needs at least one model (--from)")
     folder = study_dir("responses", out)
     results, rows, bundle = {}, [], None
+    resolved = [resolve_source(source, pretrained=pretrained) for source in sources]
+    data = common_data(resolved, data, "study responses")  # default: the data the models were trained on
     eval_sets = EvalSets(data, test_subset=test_subset, seed=seed)
-    for source in sources:
-        model = load_model(source, pretrained=pretrained).eval()
+    for source, found in zip(sources, resolved):
+        model = found.load_resnet(random_init=random_init).eval()
         bundle, batches = eval_sets.for_model(model)
         stds = layer_response_stds(model, batches)
         label = f"{model.name}" if model.name not in results else f"{model.name} ({source})"

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 
 from resnetlab.data import build_data
-from resnetlab.errors import ConfigError, DataError, WeightsError
-from resnetlab.loading import load_model
-from resnetlab.train.checkpoint import load_checkpoint
+from resnetlab.errors import ConfigError, DataError
+from resnetlab.sources import resolve_source
 from resnetlab.train.engine import evaluate, resolve_device, workers_for
 
 
@@ -22,25 +21,30 @@ def evaluate_model(
     *,
     data: str | None = None,
     split: str = "test",
-    pretrained: str | None = None,
+    pretrained: str | bool | None = None,
+    allow_program: bool = False,
+    random_init: bool = False,
     batch_size: int = 256,
     device: str = "auto",
     ten_crop: bool = False,
     num_workers: int = 2,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``source`` (see ``load_model``) on ``data`` (default: what it was trained on).
+    """Evaluate ``source`` (any ``resnetlab.sources`` source) on ``data`` (default: what it was trained on;
+    a source that does not record that needs ``data``).
 
     ``ten_crop``: average the logits of the paper's ten crops (see ``eval_transform``). ``num_workers``:
     DataLoader workers for datasets decoded per image.
     """
-    from resnetlab.export import ExportedModel, is_export
-
-    model = ExportedModel(source) if is_export(source) else load_model(source, pretrained=pretrained)
+    resolved = resolve_source(source, pretrained=pretrained)
+    trained: dict[str, Any] = {}  # the same data, and the same held-out split
+    if data is None:
+        trained = resolved.trained_with("eval")
+        data = trained["data"]
+    model = resolved.load(allow_program=allow_program, random_init=random_init)
     config = model.config
-    trained = _trained_with(source) if data is None else {}  # the same data, and the same held-out split
     bundle = build_data(
-        data if data is not None else trained.get("data"), augment="none", image_size=config.input_size[-1],
+        data, augment="none", image_size=config.input_size[-1],
         mean=config.mean, std=config.std, crop_pct=config.crop_pct, ten_crop=ten_crop,
         val_split=trained.get("val_split", 0), seed=trained.get("seed", 0),
     )  # fmt: skip
@@ -75,22 +79,6 @@ def evaluate_model(
     }  # fmt: skip
     (out / f"eval_{split}.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def _trained_with(source: str) -> dict[str, Any]:
-    """The training config recorded with ``source``: a run or model folder's config.json, or the config
-    inside a training checkpoint (a run folder without a model yet, or a ``.pt`` file)."""
-    path = Path(source)
-    for candidate in (path / "model" / "config.json", path / "config.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text()).get("trained_with", {})
-    checkpoint = path / "checkpoints" / "last.pt" if path.is_dir() else path
-    if checkpoint.is_file() and checkpoint.suffix == ".pt":
-        try:
-            return dict(load_checkpoint(checkpoint).get("config", {}))
-        except WeightsError:  # not a training checkpoint (an exported TorchScript file, say)
-            pass
-    return {}
 
 
 def _default_out(source: str) -> Path:

@@ -174,15 +174,31 @@ def nearest(index: Embeddings, queries: np.ndarray, k: int = 5) -> list[list[tup
 
 
 def similar_images(
-    index_path: str | os.PathLike, queries: Sequence[str], *, k: int = 5, device: str = "cpu"
+    index_path: str | os.PathLike,
+    queries: Sequence[str],
+    *,
+    source: str | os.PathLike,
+    k: int = 5,
+    device: str = "cpu",
+    **load_options: Any,
 ) -> tuple[list[tuple[str, list[tuple[str, float]]]], list[tuple[str, str]]]:
-    """Embed ``queries`` (files/folders) with the index's model and stage; their ``k`` nearest indexed files."""
+    """Embed ``queries`` (files/folders) with ``source`` at the index's stage; their ``k`` nearest indexed files.
+
+    ``source`` must be the model the index records: the index only checks it, it never chooses what is
+    loaded (a doctored index could otherwise make the tool open any file). ``load_options``: those of
+    ``resnetlab.sources.load_model`` (``pretrained``, ``allow_program``, ``random_init``)."""
     from resnetlab.cli.predict import collect_images
 
     index = Embeddings.load(index_path)
     if "source" not in index.meta:
         raise DataError(f"{index_path} has no .json sidecar naming its model; re-create it with `resnetlab features`")
-    predictor = Predictor.load(index.meta["source"], pretrained=index.meta.get("pretrained"), device=device)
+    named = Path(source).resolve() if Path(source).exists() else source
+    made_with = (str(index.meta["source"]), index.meta.get("pretrained"))
+    if (str(named), load_options.get("pretrained")) != made_with:
+        weights = f" --pretrained {made_with[1]}" if made_with[1] else ""
+        raise InputError(f"{index_path} was made with {made_with[0]}{weights}, not {source}: pass --from "
+                         f"{made_with[0]}{weights} (or re-index with `resnetlab features`)")  # fmt: skip
+    predictor = Predictor.load(source, device=device, **load_options)
     found = extract_features(predictor, collect_images(list(queries)), stage=index.meta.get("stage"))
     return list(zip(found.files, nearest(index, found.vectors, k))), found.failed
 

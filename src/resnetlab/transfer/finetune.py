@@ -9,6 +9,7 @@ its ``TrainHooks``: which parts train in each epoch, their BatchNorm mode and th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -19,11 +20,9 @@ from typing import Any
 import torch
 
 from resnetlab.data import DataBundle, build_data
-from resnetlab.errors import ConfigError, WeightsError
-from resnetlab.loading import load_model
+from resnetlab.errors import ConfigError
 from resnetlab.models import ResNet, create_model
-from resnetlab.models.registry import WeightsSource, resolve_name
-from resnetlab.models.weights import fetch_weights, load_weights
+from resnetlab.sources import resolve_source
 from resnetlab.train import StepInfo, TrainConfig, train
 from resnetlab.train import distributed as dist
 from resnetlab.train.engine import TrainHooks, auto_resume_target, saved_config
@@ -95,64 +94,35 @@ class StrategyHooks(TrainHooks):
 
 
 def load_pretrained_source(source: str | os.PathLike | None, model: str | None = None, **overrides: Any) -> ResNet:
-    """The network to start from.
-
-    ``source``: a resnetlab run/model folder or training checkpoint; a weights file of torchvision, timm,
-    Hugging Face or akamaster layout (``model`` names the architecture); a torchvision weights name such
-    as ``ResNet50_Weights.IMAGENET1K_V2`` (downloaded, or found in the weights cache); a weights tag of
-    ``model`` (``tv_in1k``, ``cifar10_akamaster``); or ``None`` (random init: training from scratch).
+    """The network to start from (see ``resnetlab.sources``): a resnetlab run/model folder or checkpoint
+    (they describe their own architecture); a published weights file (recognised by its sha256); a weights
+    file of torchvision, timm or Hugging Face layout (``model`` names the architecture); a torchvision
+    weights name such as ``ResNet50_Weights.IMAGENET1K_V2``; a weights tag of ``model`` (``tv_in1k``,
+    ``cifar10_akamaster``); or ``None`` (random init: training from scratch).
     ``overrides`` are ``ResNetConfig`` fields (``in_chans`` adapts the first conv).
     """
     if source is None:
-        return _as_resnet(create_model(model or "resnet18", **overrides))
-    text, path = str(source), Path(source)
-    if "_Weights." in text and not path.exists():
-        arch = _torchvision_weights_arch(text)
-        state_dict, extra = fetch_weights(WeightsSource("torchvision", text, "torchvision"))
-        net = _as_resnet(create_model(arch, **{**extra, **overrides}))
-        load_weights(net, state_dict, origin=text)
-        return net
-    if path.is_file() and model is not None:
-        try:  # a resnetlab training checkpoint describes itself (architecture, preprocessing, labels)
-            net = load_model(path, **overrides)
-        except WeightsError:  # a plain weights file of another library's layout: --model says what it is
-            return _as_resnet(create_model(model, pretrained=path, **overrides))
-        if net.name != resolve_name(model):
-            raise WeightsError(f"{path} is a checkpoint of {net.name}, not {model}; drop --model or pass "
-                               f"--model {net.name}")  # fmt: skip
-        return net
-    if not path.exists() and model is not None:  # a weights tag of the named model
-        return _as_resnet(create_model(model, pretrained=text, **overrides))
-    try:
-        return load_model(path if path.exists() else text, **overrides)
-    except WeightsError as err:
-        if path.is_file():
-            raise WeightsError(f"{err}. If {path} is a torchvision/timm/Hugging Face weights file, also pass the "
-                               "architecture (--model resnet50)") from err  # fmt: skip
-        raise
+        return create_model_resnet(model or "resnet18", **overrides)
+    return resolve_source(source, model=model).load_resnet(**overrides)
 
 
-def _torchvision_weights_arch(name: str) -> str:
-    """Our architecture for a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V2``), or a
-    ``WeightsError`` listing the names torchvision has for it."""
-    from torchvision.models import get_model_weights
-
-    enum_name, _, member = name.partition(".")
-    arch = resolve_name(enum_name.removesuffix("_Weights").lower())
-    try:
-        members = list(get_model_weights(arch).__members__)
-    except (ValueError, KeyError):
-        raise WeightsError(f"torchvision has no weights for {arch} ({name}); pass a weights file with "
-                           f"--model {arch} instead") from None  # fmt: skip
-    if member not in members:
-        valid = ", ".join(f"{enum_name}.{m}" for m in members)
-        raise WeightsError(f"{name} is not a torchvision weights name; {arch} has: {valid}")
-    return arch
+def _starting_point(cfg: TrainConfig) -> Callable[..., ResNet]:
+    """What ``cfg.pretrained`` names, as a loader taking ``ResNetConfig`` overrides. ``cfg.model`` names the
+    architecture of weights files, tags and the from-scratch baseline; a run/model folder or checkpoint
+    records its own (the recipe's model does not apply to it)."""
+    if cfg.pretrained is None:
+        return functools.partial(create_model_resnet, cfg.model or "resnet18")
+    resolved = resolve_source(cfg.pretrained, model=cfg.model)
+    if resolved.kind == "checkpoint":
+        resolved = dataclasses.replace(resolved, name=None)
+    return resolved.load_resnet
 
 
-def _as_resnet(model: Any) -> ResNet:
-    assert isinstance(model, ResNet)
-    return model
+def create_model_resnet(name: str, **overrides: Any) -> ResNet:
+    """An untrained ``name`` (the from-scratch baseline)."""
+    net = create_model(name, **overrides)
+    assert isinstance(net, ResNet)
+    return net
 
 
 def prepare_data(cfg: TrainConfig, model: ResNet) -> DataBundle:
@@ -198,18 +168,22 @@ def finetune(
     if resume is not None:
         if cfg is not None:  # the data settings this run resolved from its model, where cfg leaves them open
             saved = saved_config(resume)
-            cfg = cfg.replace(**{k: getattr(saved, k) for k in RESOLVED if getattr(cfg, k) is None})
+            resolved = {k: getattr(saved, k) for k in RESOLVED if getattr(cfg, k) is None}
+            cfg = cfg.replace(model=saved.model, **resolved)  # the architecture came from the source
         result = train(cfg, resume=resume, bundle=bundle, hooks=StrategyHooks(strategy), callbacks=callbacks)
     else:
         if cfg is None:
             raise ConfigError("finetune() needs a TrainConfig, or resume= naming a run to continue")
         strategy = strategy or FinetuneStrategy()
         torch.manual_seed(cfg.seed)  # the new head's initialisation
-        model = load_pretrained_source(cfg.pretrained, cfg.model)
+        start = _starting_point(cfg)
+        model = start()
+        # a source that records its architecture and input size keeps them (not the recipe's resnet18 at 224)
+        cfg = cfg.replace(model=model.name)
         if bundle is None:
             bundle = prepare_data(cfg, model)
         if bundle.in_chans != model.config.in_chans:  # grey or multispectral data: adapt conv1 while loading
-            model = load_pretrained_source(cfg.pretrained, cfg.model, in_chans=bundle.in_chans)
+            model = start(in_chans=bundle.in_chans)
         attach_head(model, bundle)
         # the data as prepared for this model, recorded so that a resumed run rebuilds the same splits
         resolved = {"image_size": bundle.image_size, "mean": list(bundle.mean), "std": list(bundle.std)}
