@@ -22,8 +22,7 @@ from resnetlab.data import DataBundle, build_data
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.loading import load_model
 from resnetlab.models import ResNet, create_model
-from resnetlab.models.registry import WeightsSource, resolve_name
-from resnetlab.models.weights import fetch_weights, load_weights
+from resnetlab.models.registry import resolve_name, torchvision_weights
 from resnetlab.train import StepInfo, TrainConfig, train
 from resnetlab.train import distributed as dist
 from resnetlab.train.engine import TrainHooks, auto_resume_target, saved_config
@@ -107,11 +106,8 @@ def load_pretrained_source(source: str | os.PathLike | None, model: str | None =
         return _as_resnet(create_model(model or "resnet18", **overrides))
     text, path = str(source), Path(source)
     if "_Weights." in text and not path.exists():
-        arch = _torchvision_weights_arch(text)
-        state_dict, extra = fetch_weights(WeightsSource("torchvision", text, "torchvision"))
-        net = _as_resnet(create_model(arch, **{**extra, **overrides}))
-        load_weights(net, state_dict, origin=text)
-        return net
+        arch, _ = torchvision_weights(text)
+        return _as_resnet(create_model(arch, pretrained=text, **overrides))
     if path.is_file() and model is not None:
         try:  # a resnetlab training checkpoint describes itself (architecture, preprocessing, labels)
             net = load_model(path, **overrides)
@@ -130,24 +126,6 @@ def load_pretrained_source(source: str | os.PathLike | None, model: str | None =
             raise WeightsError(f"{err}. If {path} is a torchvision/timm/Hugging Face weights file, also pass the "
                                "architecture (--model resnet50)") from err  # fmt: skip
         raise
-
-
-def _torchvision_weights_arch(name: str) -> str:
-    """Our architecture for a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V2``), or a
-    ``WeightsError`` listing the names torchvision has for it."""
-    from torchvision.models import get_model_weights
-
-    enum_name, _, member = name.partition(".")
-    arch = resolve_name(enum_name.removesuffix("_Weights").lower())
-    try:
-        members = list(get_model_weights(arch).__members__)
-    except (ValueError, KeyError):
-        raise WeightsError(f"torchvision has no weights for {arch} ({name}); pass a weights file with "
-                           f"--model {arch} instead") from None  # fmt: skip
-    if member not in members:
-        valid = ", ".join(f"{enum_name}.{m}" for m in members)
-        raise WeightsError(f"{name} is not a torchvision weights name; {arch} has: {valid}")
-    return arch
 
 
 def _as_resnet(model: Any) -> ResNet:
