@@ -148,6 +148,7 @@ def model_info(name: str, input_size: tuple[int, int, int] | None = None, **over
     return dict(
         name=name,
         description=entry.description,
+        paper=entry.paper,
         params=count_params(model),
         reference_params=entry.reference_params,
         params_source=entry.params_source,
