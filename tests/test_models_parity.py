@@ -8,7 +8,7 @@ import torchvision
 
 import resnetlab
 from resnetlab.models import MODELS
-from resnetlab.models.registry import TORCHVISION_PARAMS
+from resnetlab.models.registry import TIMM_RESNETS, TORCHVISION_PARAMS
 from resnetlab.models.weights import convert_state_dict, load_weights
 
 TORCHVISION_NAMES = list(TORCHVISION_PARAMS)
@@ -134,3 +134,62 @@ def test_reference_weight_files_load_by_path(tmp_path) -> None:
         save(reference.state_dict(), tmp_path / filename)
         ours = resnetlab.create_model(name, pretrained=tmp_path / filename)
         assert _max_diff(ours, reference, x, train=False) <= 1e-5, filename
+
+
+def _randomise_norms(model: torch.nn.Module) -> None:
+    """``_randomise_norm_stats`` for BatchNorm, and random affine parameters for GroupNorm too."""
+    _randomise_norm_stats(model)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.weight.data.copy_(torch.rand(m.num_channels, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_channels, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("name", list(TIMM_RESNETS))  # each about 1 s at 64x64
+def test_refined_resnets_equal_timm(name: str) -> None:
+    """SE, ECA, selective kernel, ResNet-RS, BiT, anti-aliased, T/S stems, GroupNorm: timm's state dict loads
+    with strict=True (converted where our keys differ), and logits agree within 1e-5 in eval and train mode."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False)
+    _randomise_norms(reference)
+    ours = resnetlab.create_model(name)
+    ours.load_state_dict(convert_state_dict(reference.state_dict()), strict=True)  # layout detected from keys
+    assert resnetlab.models.count_params(ours) == sum(p.numel() for p in reference.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    assert _max_diff(ours, reference, x, train=False) <= 1e-5
+    assert _max_diff(ours, reference, x, train=True) <= 1e-5
+
+
+# The refinements are options, not models: they compose with any net of the table into timm's other variants.
+COMPOSED = [
+    ("seresnet18", "resnet18", dict(attention="se")),  # SE in a basic block
+    ("resnetblur18", "resnet18", dict(anti_alias="blur")),  # blur-pool in a basic block
+    ("resnetaa34d", "resnet34d", dict(anti_alias="avg")),
+    ("skresnet34", "resnet34", dict(selective_kernel=True)),
+    ("seresnet101", "resnet101", dict(attention="se")),
+    ("ecaresnet101d", "resnet101d", dict(attention="eca")),
+    ("resnetrs101", "resnet101d", dict(stem_pool="conv", attention="se", attention_ratio=0.25)),
+    ("resnetblur101d", "resnet101d", dict(anti_alias="blur")),
+    ("ecaresnet26t", "resnet50", dict(layers=(2, 2, 2, 2), stem="deep_tiered", avg_down=True, attention="eca")),
+]
+
+
+@pytest.mark.parametrize(("timm_name", "our_name", "options"), COMPOSED)
+def test_options_compose_into_timms_other_variants(timm_name: str, our_name: str, options: dict) -> None:
+    """Same parameter count (meta device); the small basic-block ones also compute timm's logits."""
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        reference = timm.create_model(timm_name)
+    assert resnetlab.model_info(our_name, **options)["params"] == sum(p.numel() for p in reference.parameters())
+    if our_name not in ("resnet18", "resnet34"):
+        return
+    torch.manual_seed(0)
+    reference = timm.create_model(timm_name)
+    _randomise_norms(reference)
+    ours = resnetlab.create_model(our_name, **options)
+    ours.load_state_dict(convert_state_dict(reference.state_dict()), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert _max_diff(ours, reference, x, train=False) <= 1e-5
+    assert _max_diff(ours, reference, x, train=True) <= 1e-5

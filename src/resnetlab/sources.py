@@ -31,7 +31,7 @@ from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.filetypes import CONTENTS, EXTENSIONS, check_content
 from resnetlab.models import ResNet, ResNetConfig, create_model, from_pretrained
 from resnetlab.models.factory import published_weights
-from resnetlab.models.registry import MODELS, WeightsSource, resolve_name
+from resnetlab.models.registry import MODELS, WeightsSource, resolve_name, torchvision_weights
 from resnetlab.models.weights import CONFIG_FILE, load_weights, read_pretrained_config
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def resolve_source(source: str | os.PathLike, *, pretrained: str | bool | None =
             raise ConfigError(f"--pretrained goes with a model name, not with {text}: drop one of them")
         return _resolve_path(text, path, model)
     if "_Weights." in text:
-        return Source("torchvision", text, name=_torchvision_weights_arch(text))
+        return Source("torchvision", text, name=torchvision_weights(text)[0])
     if model is not None and text in MODELS[resolve_name(model)].weights:  # a weights tag of the named model
         return Source("name", text, name=resolve_name(model), weights=text)
     name, _, tag = text.partition(":")
@@ -227,12 +227,8 @@ def _load_name(src: Source, allow_program: bool, random_init: bool, threads: int
 
 def _load_torchvision(src: Source, allow_program: bool, random_init: bool, threads: int | None,
                       overrides: Options) -> ResNet:  # fmt: skip
-    from resnetlab.models.weights import fetch_weights
-
-    state_dict, extra = fetch_weights(WeightsSource("torchvision", src.text, "torchvision"))
-    net = _as_resnet(create_model(src.name, **{**extra, **overrides}))  # type: ignore[arg-type]
-    load_weights(net, state_dict, origin=src.text)
-    return net
+    assert src.name is not None
+    return _as_resnet(create_model(src.name, pretrained=src.text, **overrides))
 
 
 LOADERS = {"model-dir": _load_model_dir, "checkpoint": _load_checkpoint, "export": _load_export,
@@ -247,24 +243,6 @@ def _describe(weights: WeightsSource) -> str:
 def _as_resnet(model: Any) -> ResNet:
     assert isinstance(model, ResNet)
     return model
-
-
-def _torchvision_weights_arch(name: str) -> str:
-    """Our architecture for a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V2``), or a
-    ``WeightsError`` listing the names torchvision has for it."""
-    from torchvision.models import get_model_weights
-
-    enum_name, _, member = name.partition(".")
-    arch = resolve_name(enum_name.removesuffix("_Weights").lower())
-    try:
-        members = list(get_model_weights(arch).__members__)
-    except (ValueError, KeyError):
-        raise WeightsError(f"torchvision has no weights for {arch} ({name}); pass a weights file with "
-                           f"--model {arch} instead") from None  # fmt: skip
-    if member not in members:
-        valid = ", ".join(f"{enum_name}.{m}" for m in members)
-        raise WeightsError(f"{name} is not a torchvision weights name; {arch} has: {valid}")
-    return arch
 
 
 def load_model(source: str | os.PathLike, *, pretrained: str | bool | None = None, model: str | None = None,

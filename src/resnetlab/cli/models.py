@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from resnetlab.cli.common import add_json_flag, format_table, print_json
-from resnetlab.models import list_models, model_info
+from resnetlab.models import MODELS, list_models, model_info
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the named architectures", description=models.__doc__)
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*' or '*wrn*'")
+    p.add_argument("--pretrained", action="store_true", help="only the models with published weights")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table with each source paper (docs/models.md)")
     add_json_flag(p)
     p.set_defaults(func=models)
 
@@ -22,23 +25,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def models(args: argparse.Namespace) -> int:
-    """A table of every named model: parameters, GFLOPs at its default input size, block and shortcut."""
-    infos = [model_info(name) for name in list_models(args.pattern)]
+    """A table of every named model: parameters, GMACs (billions of multiply-adds, the figure torchvision and
+    timm call GFLOPS) at its default input size, block, shortcut and weight tags."""
+    infos = [model_info(name) for name in list_models(args.pattern, pretrained=args.pretrained)]
     if args.json:
         print_json({"models": infos})
+        return 0
+    if args.markdown:  # in the table's order: family by family, the plain twins last
+        order = {name: i for i, name in enumerate(MODELS)}
+        print(markdown_table(sorted(infos, key=lambda i: order[i["name"]])))
         return 0
     rows = []
     for i in infos:
         rows.append(dict(
-            name=i["name"], params=f"{i['params'] / 1e6:.2f}M", gflops=f"{i['gflops']:.2f}",
+            name=i["name"], params=f"{i['params'] / 1e6:.2f}M", gmacs=f"{i['gmacs']:.2f}",
             input=f"{i['input_size'][1]}px", block=i["block"], shortcut=i["shortcut"], depth=i["depth"],
             weights=",".join(i["weights"]) or "-",
         ))  # fmt: skip
     if rows:
-        print(format_table(rows, ["name", "params", "gflops", "input", "depth", "block", "shortcut", "weights"]))
+        print(format_table(rows, ["name", "params", "gmacs", "input", "depth", "block", "shortcut", "weights"]))
     else:
-        print(f"no model matches {args.pattern!r}")
+        print(f"no model{' with published weights' if args.pretrained else ''} matches {args.pattern!r}")
     return 0
+
+
+def markdown_table(infos: list[dict[str, Any]]) -> str:
+    """The models as a Markdown table: parameters, GMACs at the default input size, and the source paper."""
+    lines = ["| model | params | GMACs | input | source |", "|---|---:|---:|---:|---|"]
+    for i in infos:
+        params = f"{i['params'] / 1e6:.2f}M" if i["params"] >= 1e6 else f"{i['params'] / 1e3:.0f}K"
+        lines.append(f"| `{i['name']}` | {params} | {i['gmacs']:.3g} | {i['input_size'][1]} | {i['paper']} |")
+    return "\n".join(lines)
 
 
 def info(args: argparse.Namespace) -> int:
@@ -52,8 +69,9 @@ def info(args: argparse.Namespace) -> int:
         f" (published: {i['reference_params'] / 1e6:.2f}M, {i['params_source']})" if i["reference_params"] else ""
     )
     print(f"{i['name']}: {i['description']}")
+    print(f"  source      {i['paper']}")
     print(f"  parameters  {i['params']:,}{reference}")
-    print(f"  GFLOPs      {i['gflops']:.3f} at {i['input_size'][1]}x{i['input_size'][2]}")
+    print(f"  GMACs       {i['gmacs']:.3f} multiply-adds at {i['input_size'][1]}x{i['input_size'][2]}")
     print(f"  depth       {i['depth']} weighted layers, {i['block']} blocks, shortcut {i['shortcut']}")
     print(f"  input       {i['input_size']}, mean {i['mean']}, std {i['std']}, crop_pct {i['crop_pct']}")
     print(f"  weights     {', '.join(i['weights']) or 'none published'}\n")

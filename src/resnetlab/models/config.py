@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resnetlab.errors import ConfigError
+from resnetlab.models.attention import ATTENTION
+from resnetlab.models.layers import ANTI_ALIAS, CONV_LAYERS
 from resnetlab.models.shortcuts import SHORTCUT_KINDS
-from resnetlab.models.stems import STEM_STRIDE
+from resnetlab.models.stems import STEM_POOLS, STEM_STRIDE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,8 +28,9 @@ class ResNetConfig:
     block: str = "basic"  # "basic" (two 3x3) or "bottleneck" (1x1, 3x3, 1x1 x4)
     layers: tuple[int, ...] = (2, 2, 2, 2)  # blocks per stage
     widths: tuple[int, ...] = (64, 128, 256, 512)  # "planes" per stage; bottleneck output is 4x
-    stem: str = "imagenet"  # "imagenet" (7x7 + pool), "deep" (3x 3x3, ResNet-C), "cifar" (3x3, no pool)
+    stem: str = "imagenet"  # "imagenet" (7x7 + pool), "deep" (3x 3x3, ResNet-C), "deep_tiered", "cifar" (3x3)
     stem_channels: int = 64
+    stem_pool: str = "max"  # "max", "conv" (ResNet-RS: a strided 3x3 conv), "bit" (zero-pad, unpadded max-pool)
     shortcut: str = "B"  # "A" zero-pad, "B" project where shape changes, "C" project always, "none" = plain
     avg_down: bool = False  # ResNet-D: average-pool before the projection instead of a strided 1x1
     stride_in_1x1: bool = False  # bottleneck stride in the first 1x1 ("v1", the paper) or the 3x3 ("v1.5")
@@ -35,6 +38,11 @@ class ResNetConfig:
     groups: int = 1  # ResNeXt cardinality
     width_per_group: int = 64  # ResNeXt/Wide ResNet bottleneck width per group
     output_stride: int | None = None  # 8 or 16: replace late strides by dilation (segmentation)
+    attention: str = "none"  # on each block's branch output: "se" (Hu et al. 2018), "eca" (Wang et al. 2020)
+    attention_ratio: float = 1 / 16  # SE reduction (ResNet-RS: 1/4)
+    anti_alias: str = "none"  # "avg" or "blur": filter before every subsampling (Zhang 2019)
+    selective_kernel: bool = False  # basic blocks: the first 3x3 is a selective-kernel conv (Li et al. 2019)
+    conv_layer: str = "conv"  # "conv", or "std_conv": weight standardisation (BiT, with norm_layer="groupnorm")
     # Regularisation and initialisation
     block_dropout: float = 0.0  # dropout between the convs of each block (Wide ResNet)
     drop_rate: float = 0.0  # dropout before the classifier
@@ -61,6 +69,16 @@ class ResNetConfig:
             raise ConfigError(f"shortcut must be one of {SHORTCUT_KINDS}, not {self.shortcut!r}")
         if len(self.layers) != len(self.widths) or not self.layers:
             raise ConfigError(f"layers {self.layers} and widths {self.widths} must have the same length")
+        for name, valid in (("stem_pool", STEM_POOLS), ("attention", ATTENTION), ("anti_alias", ANTI_ALIAS),
+                            ("conv_layer", CONV_LAYERS)):  # fmt: skip
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{name} must be one of {sorted(valid)}, not {getattr(self, name)!r}")
+        if self.preact and (self.attention != "none" or self.anti_alias != "none" or self.selective_kernel):
+            raise ConfigError("attention, anti_alias and selective_kernel are options of post-activation blocks")
+        if self.selective_kernel and self.block != "basic":
+            raise ConfigError("selective_kernel replaces the first 3x3 of a basic block; use block='basic'")
+        if not 0.0 < self.attention_ratio <= 1.0:
+            raise ConfigError(f"attention_ratio must be in (0, 1], not {self.attention_ratio}")
         if any(n < 1 for n in self.layers):
             raise ConfigError(f"every stage needs at least one block: layers={self.layers}")
         if self.output_stride is not None and self.output_stride not in self.possible_output_strides():

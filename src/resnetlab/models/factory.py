@@ -12,7 +12,7 @@ from torch import nn
 
 from resnetlab.errors import WeightsError
 from resnetlab.models.config import ResNetConfig
-from resnetlab.models.registry import MODELS, WeightsSource, get_config, resolve_name
+from resnetlab.models.registry import MODELS, WeightsSource, get_config, resolve_name, torchvision_weights
 from resnetlab.models.resnet import FeatureExtractor, ResNet
 from resnetlab.models.weights import (
     convert_state_dict,
@@ -38,7 +38,8 @@ def create_model(
     """Build a named model, e.g. ``create_model("resnet50", num_classes=10)``.
 
     ``pretrained``: ``True`` (the model's first published weights), a tag of ``MODELS[name].weights``
-    (``"tv_in1k"``, ``"cifar10_akamaster"``, ...), or a path to a ``save_pretrained`` folder or a weights
+    (``"tv_in1k"``, ``"cifar10_akamaster"``, ``"a1_in1k"``, ...), a torchvision weights name
+    (``"ResNet50_Weights.IMAGENET1K_V2"``), or a path to a ``save_pretrained`` folder or a weights
     file in any supported layout (torchvision, timm, Hugging Face, akamaster). ``overrides`` are
     ``ResNetConfig`` fields; ``features_only`` returns a ``FeatureExtractor`` for ``out_indices``.
     """
@@ -61,6 +62,12 @@ def create_model(
 
 def _resolve_pretrained(name: str, pretrained: bool | str | os.PathLike) -> tuple[dict, str, dict[str, Any]]:
     entry = MODELS[name]
+    if isinstance(pretrained, str) and "_Weights." in pretrained and not Path(pretrained).exists():
+        arch, source = torchvision_weights(pretrained)  # torchvision's name, e.g. ResNet50_Weights.IMAGENET1K_V2
+        if arch != name:
+            raise WeightsError(f"{pretrained} are torchvision's weights for {arch}, not {name}")
+        state_dict, extra = fetch_weights(source)
+        return state_dict, pretrained, extra
     if pretrained is True or (isinstance(pretrained, str) and pretrained in entry.weights):
         if not entry.weights:
             raise WeightsError(f"no published weights are known for {name}; pass pretrained=PATH to a weights file")
@@ -148,7 +155,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
 
 def model_info(name: str, input_size: tuple[int, int, int] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Facts about a named model: parameters, FLOPs, block type, stages, and its preprocessing.
+    """Facts about a named model: parameters, GMACs (billions of multiply-adds), block type, stages, and its
+    preprocessing.
 
     Built on PyTorch's meta device, so no memory is allocated and even ResNet-1202 is instant.
     """
@@ -170,10 +178,11 @@ def model_info(name: str, input_size: tuple[int, int, int] | None = None, **over
     return dict(
         name=name,
         description=entry.description,
+        paper=entry.paper,
         params=count_params(model),
         reference_params=entry.reference_params,
         params_source=entry.params_source,
-        gflops=count_flops(model, (c.in_chans, h, w)) / 1e9,
+        gmacs=count_flops(model, (c.in_chans, h, w)) / 2e9,  # multiply-adds, as torchvision's and timm's "GFLOPS"
         depth=c.depth,
         block=("preact_" if c.preact else "") + c.block,
         shortcut=c.shortcut,

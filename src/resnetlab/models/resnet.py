@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from resnetlab.errors import InputError
+from resnetlab.models.attention import get_attention
 from resnetlab.models.blocks import BLOCKS, BlockSpec, ResidualBlock
 from resnetlab.models.config import ResNetConfig
-from resnetlab.models.layers import get_norm_layer, is_norm
+from resnetlab.models.layers import ANTI_ALIAS, CONV_LAYERS, get_norm_layer, is_norm
 from resnetlab.models.shortcuts import make_shortcut
 from resnetlab.models.stems import STEM_STRIDE, make_stem
 
@@ -31,10 +32,13 @@ class ResNet(nn.Module):
         self.name = name or "resnet"
         norm_layer = get_norm_layer(config.norm_layer)
         block_cls = BLOCKS[(config.block, config.preact)]
+        conv_layer = CONV_LAYERS[config.conv_layer]
+        attention = get_attention(config.attention, config.attention_ratio)
 
         for attr, module in make_stem(
-            config.stem, config.in_chans, config.stem_channels, norm_layer, config.preact
-        ).items():
+            config.stem, config.in_chans, config.stem_channels, norm_layer, config.preact,
+            conv=conv_layer, pool=config.stem_pool, anti_alias=config.anti_alias,
+        ).items():  # fmt: skip
             self.add_module(attr, module)
         self.feature_info: list[dict[str, Any]] = [
             dict(num_chs=config.stem_channels, reduction=STEM_STRIDE[config.stem], module="maxpool")
@@ -62,12 +66,16 @@ class ResNet(nn.Module):
                     drop_path_rate=config.drop_path_rate * block_index / max(total_blocks - 1, 1),
                     dropout=config.block_dropout,
                     stride_in_1x1=config.stride_in_1x1,
+                    conv_layer=conv_layer,
+                    attention=attention,
+                    anti_alias=ANTI_ALIAS[config.anti_alias],
+                    selective_kernel=config.selective_kernel,
                 )
                 block_stride = stride if i == 0 else 1
                 out_channels = planes * block_cls.expansion
                 shortcut = make_shortcut(
                     config.shortcut, in_channels, out_channels, block_stride, norm_layer,
-                    avg_down=config.avg_down, preact=config.preact,
+                    avg_down=config.avg_down, preact=config.preact, conv=conv_layer,
                 )  # fmt: skip
                 blocks.append(block_cls(in_channels, planes, block_stride, shortcut, spec))
                 in_channels, block_index = out_channels, block_index + 1

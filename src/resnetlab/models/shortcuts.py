@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab.errors import ConfigError
-from resnetlab.models.layers import NormLayer, conv1x1
+from resnetlab.models.layers import ConvLayer, NormLayer, conv1x1
 
 ShortcutKind = Literal["A", "B", "C", "none"]
 SHORTCUT_KINDS = ("A", "B", "C", "none")
@@ -57,6 +57,7 @@ def make_shortcut(
     *,
     avg_down: bool = False,
     preact: bool = False,
+    conv: ConvLayer = nn.Conv2d,
 ) -> nn.Module | None:
     """The module on the shortcut path, or ``None`` for the identity (or for no shortcut at all)."""
     if kind not in SHORTCUT_KINDS:
@@ -71,5 +72,5 @@ def make_shortcut(
     norm = [] if preact else [norm_layer(out_channels)]
     if avg_down:
         pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
-        return nn.Sequential(pool, conv1x1(in_channels, out_channels), *norm)
-    return nn.Sequential(conv1x1(in_channels, out_channels, stride), *norm)
+        return nn.Sequential(pool, conv1x1(in_channels, out_channels, conv=conv), *norm)
+    return nn.Sequential(conv1x1(in_channels, out_channels, stride, conv=conv), *norm)

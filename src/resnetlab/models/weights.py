@@ -4,6 +4,7 @@ Formats understood (``convert_state_dict(sd, source)``; ``source="auto"`` detect
 
 - ``resnetlab`` / ``torchvision`` / ``timm`` (resnet*): our layout is theirs, keys map one to one;
 - ``timm_v2``: timm's pre-activation ResNetV2 (``stem.conv``, ``stages.i.blocks.j``, ``head.fc``);
+- ``timm_sk``: timm's selective-kernel ResNets (their second conv is a ``conv2.conv``/``conv2.bn`` pair);
 - ``hf``: Hugging Face transformers ``ResNetModel`` / ``ResNetForImageClassification``;
 - ``akamaster``: the published CIFAR ResNets (``module.`` prefix, ``linear`` head);
 - torchvision detection checkpoints (``backbone.body.`` prefix) yield their backbone.
@@ -127,6 +128,11 @@ def from_timm_v2(sd: StateDict) -> StateDict:
     return sd
 
 
+def from_timm_sk(sd: StateDict) -> StateDict:
+    """timm SKNet (``conv2.conv``/``conv2.bn`` conv-norm pairs) -> resnetlab (``conv2``/``bn2``)."""
+    return _rename(sd, [(r"\.conv(\d)\.conv\.", r".conv\1."), (r"\.conv(\d)\.bn\.", r".bn\1.")])
+
+
 def from_hf(sd: StateDict) -> StateDict:
     """Hugging Face transformers ResNet -> resnetlab."""
     return _rename(sd, [
@@ -152,7 +158,7 @@ def identity(sd: StateDict) -> StateDict:
 
 CONVERTERS: dict[str, Callable[[StateDict], StateDict]] = {
     "resnetlab": identity, "torchvision": identity, "timm": identity,
-    "timm_v2": from_timm_v2, "hf": from_hf, "akamaster": from_akamaster,
+    "timm_v2": from_timm_v2, "timm_sk": from_timm_sk, "hf": from_hf, "akamaster": from_akamaster,
 }  # fmt: skip
 
 
@@ -162,6 +168,8 @@ def detect_format(sd: StateDict) -> str:
         return "hf"
     if any(k.startswith("stages.") and ".blocks." in k for k in keys):
         return "timm_v2"
+    if any(".conv2.conv." in k for k in keys):
+        return "timm_sk"
     if "linear.weight" in sd and "layer1.0.conv1.weight" in sd:
         return "akamaster"
     return "resnetlab"
