@@ -63,23 +63,106 @@ def test_predict_health_metadata(client) -> None:
     assert top[0]["probability"] >= top[1]["probability"]
     upload = client.post("/predict", files={"file": ("x.png", png_bytes(mode="L"), "image/png")})
     assert upload.status_code == 200 and len(upload.json()["top"]) == 3
-    assert client.get("/metrics").json()["requests"] == 2
+    assert client.get("/stats").json()["requests"] == 2
 
 
-def test_bad_requests_get_clean_4xx(client) -> None:
-    assert client.post("/predict", content=b"").status_code == 400
-    not_image = client.post("/predict", content=b"hello, I am not an image")
-    assert not_image.status_code == 415 and "not a readable image" in not_image.json()["error"]
-    truncated = client.post("/predict", content=png_bytes(200)[:3000])
-    assert truncated.status_code in (400, 415) and "error" in truncated.json()
-    too_big = client.post("/predict", content=b"\0" * 300_000)
-    assert too_big.status_code == 413
+def jpeg_bytes(size: int = 200) -> bytes:
+    array = (np.random.default_rng(0).random((size, size, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
     bomb = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")  # 400 Mpx declared, a few KB on the wire
-    assert client.post("/predict", content=bomb.getvalue()).status_code == 413
-    assert client.post("/predict", files={"other": ("x", b"1")}).status_code == 400
-    assert client.post("/predict?top_k=0", content=png_bytes()).status_code == 422
+    return bomb.getvalue()
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> str:
+    """The one error shape: JSON ``{"error": "<one line>"}``, no Python object reprs, the expected status."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert list(body) == ["error"] and isinstance(body["error"], str) and body["error"], body
+    assert "object at 0x" not in body["error"] and "\n" not in body["error"], body
+    for word in words:
+        assert word in body["error"], (word, body)
+    return body["error"]
+
+
+def test_every_error_has_one_json_shape_and_status(client) -> None:
+    """Each way a request can fail answers ``{"error": ...}``: FastAPI's own 404, 405 and 422 included."""
+    assert_error(client.post("/predict", content=b""), 400, "empty body")
+    assert_error(client.post("/predict", content=b"hello, I am not an image"), 415, "not a readable image")
+    assert_error(client.post("/predict", content=b"\0" * 300_000), 413, "exceeds the limit")
+    assert_error(client.post("/predict", content=bomb_png()), 413, "refusing image")
+    assert_error(client.post("/predict", files={"other": ("x", b"1")}), 400, "'file' field")
+    assert_error(client.post("/predict?top_k=0", content=png_bytes()), 422, "top_k")
+    assert_error(client.post("/predict?top_k=many", content=png_bytes()), 422, "top_k")
+    assert_error(client.get("/no/such/page"), 404, "Not Found")
+    assert_error(client.get("/predict"), 405, "Method Not Allowed")
+    assert_error(client.get("/health", headers={"x-big": "a" * 20_000}), 431, "16384")
     assert client.get("/health").status_code == 200  # still serving
+
+
+def test_a_damaged_image_is_400_and_a_non_image_415(client) -> None:
+    """A truncated JPEG or PNG is an image the server cannot decode: 400 (the docs' table), not 415.
+    415 is kept for bodies in no image format; neither message carries a Python object repr."""
+    jpeg = jpeg_bytes()
+    for cut in (20, 300, 2_000, len(jpeg) // 2):  # inside the header, and inside the pixel data
+        assert_error(client.post("/predict", content=jpeg[:cut]), 400)
+    assert_error(client.post("/predict", content=png_bytes(200)[:3000]), 400)
+    named = client.post("/predict", files={"file": ("cat.jpg", jpeg[:300], "image/jpeg")})
+    assert "cat.jpg" in assert_error(named, 400)
+    for not_image in (b"hello", b"%PDF-1.7\n" + bytes(100), b"<html></html>"):
+        assert_error(client.post("/predict", content=not_image), 415, "not a readable image")
+
+
+def test_multipart_with_two_files_is_refused_not_half_answered(client) -> None:
+    two = [("file", ("a.png", png_bytes(), "image/png")), ("file", ("b.png", png_bytes(30), "image/png"))]
+    assert_error(client.post("/predict", files=two), 400, "one image per request")
+    other = [("file", ("a.png", png_bytes(), "image/png")), ("extra", ("b.png", png_bytes(), "image/png"))]
+    assert_error(client.post("/predict", files=other), 400, "one image per request")
+    one = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")}, data={"note": "hi"})
+    assert one.status_code == 200  # plain form fields beside the one file are fine
+
+
+def test_metrics_are_prometheus_text_and_stats_json(client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(3):
+        assert client.post("/predict", content=png_bytes()).status_code == 200
+    assert client.post("/predict", content=b"nope").status_code == 415
+    assert client.get("/missing").status_code == 404
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}  # fmt: skip
+    assert samples[("resnetlab_http_responses_total", (("status", "200"),))] == 3
+    assert samples[("resnetlab_http_responses_total", (("status", "415"),))] == 1
+    assert samples[("resnetlab_http_responses_total", (("status", "404"),))] == 1
+    assert samples[("resnetlab_http_request_duration_seconds_count", (("endpoint", "/predict"),))] == 4
+    assert samples[("resnetlab_http_request_duration_seconds_count", (("endpoint", "other"),))] == 1
+    assert samples[("resnetlab_batch_size_count", ())] == 3 and samples[("resnetlab_batch_size_sum", ())] == 3
+    assert samples[("resnetlab_forward_seconds_count", ())] == 3
+    assert samples[("resnetlab_queue_depth", ())] == 0 and samples[("resnetlab_queue_refused_total", ())] == 0
+    assert samples[("resnetlab_requests_in_flight", ())] == 0
+    stats = client.get("/stats").json()
+    assert stats["requests"] == 3 and stats["batches"] == 3 and stats["batch_sizes"] == {"1": 3}
+    assert stats["responses"] == {"200": 4, "404": 1, "415": 1}  # 3 predictions and the /metrics scrape
+
+
+def test_batch_sizes_are_reported_by_range() -> None:
+    from resnetlab.serve.metrics import ServiceMetrics, batch_size_buckets
+
+    assert batch_size_buckets(32) == (1, 2, 4, 8, 16, 32) and batch_size_buckets(12) == (1, 2, 4, 8, 12)
+    metrics = ServiceMetrics(max_batch=12, queue_depth=lambda: 5, in_flight=lambda: 2)
+    for size in (1, 1, 3, 4, 9, 12):
+        metrics.observe_batch(size, 0.01)
+    stats = metrics.snapshot()
+    assert stats["batch_sizes"] == {"1": 2, "3-4": 2, "9-12": 2} and stats["mean_batch_size"] == 5.0
+    assert (stats["queued"], stats["in_flight"]) == (5, 2)
 
 
 # ---------------------------------------------------------------------------- limits, in process
@@ -168,7 +251,7 @@ def test_requests_in_flight_are_capped_with_503_and_retry_after(model_dir) -> No
             for call in held:
                 call.send_body(png_bytes())
             await asyncio.gather(*tasks)
-            metrics = (await Call(app, "/metrics").run()).json()
+            metrics = (await Call(app, "/stats").run()).json()
             return held, refused, health, metrics
 
     held, refused, health, metrics = asyncio.run(scenario())
@@ -229,7 +312,7 @@ def test_client_disconnecting_mid_body_is_dropped_quietly(model_dir) -> None:
             after = Call(app)
             after.send_body(png_bytes())
             await after.run()
-            return after, (await Call(app, "/metrics").run()).json()
+            return after, (await Call(app, "/stats").run()).json()
 
     after, metrics = asyncio.run(scenario())
     assert after.status == 200 and metrics["responses"] == {"200": 1, "499": 1} and metrics["in_flight"] == 0
@@ -299,7 +382,7 @@ def test_concurrent_load_no_errors_and_batching(server) -> None:
     result = asyncio.run(load_test(server.url, png_bytes(), requests=200, concurrency=16))
     assert result["errors"] == {}
     assert result["server_batches"]["requests"] >= 200
-    assert result["server_batches"]["max_batch_size"] > 1  # concurrent requests shared forward passes
+    assert result["server_batches"]["batches"] < result["server_batches"]["requests"]  # forward passes were shared
     print(f"served {result['requests']} at concurrency 16: {result['requests_per_second']} req/s, 0 errors")
 
 
@@ -393,14 +476,14 @@ def test_many_slow_clients_at_once_while_normal_requests_succeed(server) -> None
 
 @pytest.mark.slow
 def test_clients_disconnecting_mid_body_are_dropped_cleanly(server) -> None:
-    before = httpx.get(server.url + "/metrics", timeout=5).json()["responses"].get("499", 0)
+    before = httpx.get(server.url + "/stats", timeout=5).json()["responses"].get("499", 0)
     for _ in range(10):
         client = socket.create_connection((server.host, server.port))
         client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + png_bytes()[:100])
         time.sleep(0.05)
         client.close()
     for _ in range(100):  # the server notices each disconnect
-        metrics = httpx.get(server.url + "/metrics", timeout=5).json()
+        metrics = httpx.get(server.url + "/stats", timeout=5).json()
         if metrics["responses"].get("499", 0) - before == 10:
             break
         time.sleep(0.05)
@@ -454,8 +537,32 @@ def test_memory_stays_bounded_under_sustained_load(server) -> None:
     grown = _memory_mb(server.proc.pid)["VmRSS"] - before
     assert result["errors"] == {}
     assert grown < 50
-    metrics = httpx.get(server.url + "/metrics", timeout=5).json()
+    metrics = httpx.get(server.url + "/stats", timeout=5).json()
     print(
         f"600 requests at concurrency 16: 0 errors, RSS {before:.0f} MB -> {before + grown:.0f} MB; "
         f"server totals so far: {metrics['responses']}"
     )
+
+
+@pytest.mark.slow
+def test_request_headers_over_16_kb_are_refused_by_the_real_server(server) -> None:
+    """uvicorn enforces h11's 16-KB buffer only on headers that arrive in pieces: 40 KB sent at once
+    used to be accepted. Now both ways are refused, with the service's JSON error shape."""
+    assert httpx.get(server.url + "/health", headers={"x-pad": "a" * 15_000}, timeout=5).status_code == 200
+    assert_error(httpx.get(server.url + "/health", headers={"x-pad": "a" * 40_000}, timeout=5), 431, "16384")
+    with socket.create_connection((server.host, server.port)) as dripping:
+        dripping.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        for i in range(40):  # 40 header lines of 1 KB, each in its own packet
+            try:
+                dripping.sendall(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000))
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered and closed mid-way
+            time.sleep(0.01)
+        dripping.settimeout(10)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := dripping.recv(4096):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, answer[:300]
+    assert "request headers over 16384 bytes" in json.loads(body)["error"]

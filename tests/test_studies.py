@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 
@@ -14,10 +15,17 @@ from resnetlab.cli.main import main
 from resnetlab.errors import ConfigError
 from resnetlab.studies import gradients_at_init, layer_response_stds, lesioned
 from resnetlab.studies.common import study_dir, write_csv
-from resnetlab.studies.degradation import _final_errors
-from resnetlab.studies.gradients import _log_grids, _plot_training, conv_gradient_norms, first_over_last
-from resnetlab.studies.lesion import path_gradient_magnitudes, random_lesions, single_lesions
-from resnetlab.studies.responses import response_layers
+from resnetlab.studies.degradation import _final_errors, plot_degradation
+from resnetlab.studies.figures import consecutive_runs, save_figure
+from resnetlab.studies.gradients import (
+    _log_grids,
+    conv_gradient_norms,
+    first_over_last,
+    plot_gradients_at_init,
+    plot_gradients_training,
+)
+from resnetlab.studies.lesion import path_gradient_magnitudes, plot_lesion, random_lesions, single_lesions
+from resnetlab.studies.responses import plot_responses, response_layers
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +155,9 @@ def test_first_over_last_reports_overflow_as_nan() -> None:
 
 def test_training_heat_map_takes_its_colour_range_from_the_data(tmp_path) -> None:
     during = {"plain8": [(1, [1e-9, 0.0, 1e3]), (2, [1e-8, math.nan, 1e2])], "resnet8": [(1, [1.0, 1.0, 1.0])]}
-    _plot_training(during, tmp_path / "g.png")  # zeros, NaN and 12 decades: drawn, not an error
+    fig = plot_gradients_training(during, "Gradient norms during 2 steps\ndigits, train split (64 images)")
+    assert_stands_alone(fig, "digits, train split")  # zeros, NaN and 12 decades: drawn, not an error
+    save_figure(fig, tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 0
     grids, low, high = _log_grids(during)
     assert (low, high) == (pytest.approx(-9.0), pytest.approx(3.0))
@@ -220,7 +230,8 @@ def test_study_commands_write_their_outputs(tmp_path, capsys) -> None:
     assert isinstance(deg["plain_deeper_trains_worse"], bool) and deg["iterations"] == 6
     assert {(r["model"], r["step"]) for r in tables["curves.csv"]} == {
         (f"{f}{d}", s) for f in ("plain", "resnet") for d in (8, 14) for s in ("3", "6")}  # fmt: skip
-    assert "training error than plain-8" in report and "| resnet14 |" in report
+    assert "Measured after 6 iterations of batch" in report and "final training error plain-8" in report
+    assert "observed" not in report and "| resnet14 |" in report
     for name, folder in deg["models"].items():  # the trained nets are kept, for the lesion study
         assert folder == str(tmp_path / "d" / name / "model") and (tmp_path / "d" / name / "model").is_dir()
         assert (tmp_path / "d" / name / "checkpoints" / "last.pt").is_file()
@@ -247,3 +258,134 @@ def test_study_commands_write_their_outputs(tmp_path, capsys) -> None:
     resp, tables, report = _outputs(tmp_path / "r", capsys.readouterr().out, ("responses.png", "responses.csv"))
     assert len(resp["models"]) == 2 and all(v["layers"] == 12 for v in resp["models"].values())
     assert len(tables["responses.csv"]) == 24 and "| resnet14 | 12 |" in report
+
+
+# ---------------------------------------------------------------------------- figures that stand on their own
+def _data_axes(fig) -> list:
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def assert_stands_alone(fig, *title_words: str) -> None:
+    """A title naming what was measured; every panel with data has labelled axes; at least one legend, and
+    no legend over any panel's plotting area."""
+    title = fig.get_suptitle()
+    assert title, "the figure has no title"
+    for word in title_words:
+        assert word in title, (word, title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = _data_axes(fig)
+    for ax in panels:
+        assert ax.get_xlabel() and ax.get_ylabel(), (ax.get_title(), ax.get_xlabel(), ax.get_ylabel())
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    assert legends, "no legend"
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in panels:
+            assert not box.overlaps(ax.get_window_extent(renderer)), (legend.get_texts()[0].get_text(), ax.get_title())
+
+
+def _curve(start: float, end: float, steps=(10, 20, 30)) -> list[dict]:
+    values = [start + (end - start) * i / (len(steps) - 1) for i in range(len(steps))]
+    return [dict(step=s, train_top1=100 - v, eval_top1=95 - v) for s, v in zip(steps, values)]
+
+
+def _luminance(color) -> float:
+    from matplotlib.colors import to_rgb
+
+    r, g, b = to_rgb(color)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_degradation_figure_keys_its_line_styles_in_a_legend_and_uses_visible_colours() -> None:
+    curves = {f"{f}{d}": _curve(80, 40 + d / 4) for f in ("plain", "resnet") for d in (20, 56)}
+    fig = plot_degradation(curves, (20, 56), "Degradation: plain vs residual nets\ncifar10, test split", batch_size=64)
+    assert_stands_alone(fig, "plain vs residual", "test split")
+    plain, resnet = _data_axes(fig)
+    assert plain.get_ylabel() == "error (%)" and "dashed" not in plain.get_ylabel()  # the key is in the legend
+    assert "batches of 64" in plain.get_xlabel()
+    key = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"20 layers", "56 layers", "training error", "test error"} <= set(key)
+    for ax in (plain, resnet):  # a dark colour per depth: no pale yellow dashed line on white
+        assert all(_luminance(line.get_color()) < 0.6 for line in ax.get_lines())
+    colours = [{d: ax.get_lines()[2 * i + 1].get_color() for i, d in enumerate((20, 56))} for ax in (plain, resnet)]
+    assert colours[0] == colours[1] and colours[0][20] != colours[0][56]  # twins share the depth's colour
+
+
+def test_gradients_at_init_has_a_panel_per_depth_so_1e76_does_not_flatten_20_layers() -> None:
+    at_init = {}
+    for depth, explode in ((20, 7.0), (56, 2e3), (110, 1e76)):
+        layers = depth - 1
+        at_init[f"plain{depth}/batchnorm"] = [explode ** (1 - i / (layers - 1)) for i in range(layers)]
+        at_init[f"resnet{depth}/batchnorm"] = [3.0 - 2 * i / (layers - 1) for i in range(layers)]
+    fig = plot_gradients_at_init(at_init, ("batchnorm",), (20, 56, 110), "at initialisation\ncifar10, train split")
+    assert_stands_alone(fig, "train split")
+    panels = _data_axes(fig)
+    assert [ax.get_title().split(",")[0] for ax in panels] == ["20 layers", "56 layers", "110 layers"]
+    low, high = panels[0].get_ylim()
+    assert high < 100 and low > 0.1  # the 20-layer panel spans its own data, not 1e-4...1e76
+    for ax in panels:
+        plain, resnet = ax.get_lines()
+        assert plain.get_color() == resnet.get_color() and plain.get_linestyle() != resnet.get_linestyle()
+        assert "first / last layer: plain" in ax.get_title()
+
+
+def _lesion_rows(intact: float, ks: list[int]) -> dict:
+    single = [dict(block=b, downsampling=b == 3, accuracy=intact - 5 - b) for b in range(6)]
+    multi = [dict(k=k, accuracy=intact - 6 * k - s) for k in ks for s in range(2)]
+    return dict(intact=intact, single=single, multi=multi)
+
+
+def test_lesion_figure_has_panel_titles_a_chance_line_and_no_line_across_unmeasured_k() -> None:
+    ks = [0, 1, 2, 4, 6, 7]
+    results = {"residual": _lesion_rows(80, ks), "plain": _lesion_rows(30, [0, 1, 2])}
+    paths = [dict(length=n, path_fraction=0.1, gradient_share=0.1) for n in range(7)]
+    fig = plot_lesion(results, paths, "Lesion study: resnet20 (residual)\ncifar10, test split", chance=10, samples=2)
+    assert_stands_alone(fig, "resnet20", "test split")
+    panels = _data_axes(fig)
+    assert all(ax.get_title() for ax in panels)
+    for ax in panels[:2]:
+        assert any(line.get_label() == "chance (10%)" and set(line.get_ydata()) == {10} for line in ax.get_lines())
+    joined = [list(line.get_xdata()) for line in panels[1].get_lines() if line.get_linestyle() == "-"]
+    assert joined and all(b - a == 1 for xs in joined for a, b in itertools.pairwise(xs))  # 2-4 and 4-6 are not joined
+    assert consecutive_runs(ks) == [[0, 1, 2], [4], [6, 7]]
+
+
+def test_responses_figure_says_what_std_it_shows() -> None:
+    results = {"plain20": [1.0, 2.0, 3.0], "resnet20": [0.5, 0.6, 0.4], "resnet56": [0.3, 0.2, 0.25]}
+    fig = plot_responses(results, "Layer responses of plain20, resnet20\ncifar10, test split (100 images)")
+    assert_stands_alone(fig, "plain20", "test split")
+    for ax in _data_axes(fig):
+        assert ax.get_ylabel().startswith("std of the layer's response") and "BN" in ax.get_ylabel()
+    lines = {line.get_label(): line for line in _data_axes(fig)[0].get_lines()}
+    assert lines["plain20"].get_color() == lines["resnet20"].get_color() != lines["resnet56"].get_color()
+
+
+def test_study_output_lists_figure_files_and_keeps_markdown_in_the_report(tmp_path, capsys) -> None:
+    import argparse
+
+    from resnetlab.cli.study import _finish
+    from resnetlab.studies.common import write_report
+
+    summary = {"folder": str(tmp_path)}
+    write_report(tmp_path, "A study", ["What was measured."], summary, figures=["a.png", "b.png"])
+    assert _finish(argparse.Namespace(json=False), summary) == 0
+    printed = capsys.readouterr().out
+    assert "What was measured." in printed and "![" not in printed and "](" not in printed
+    assert f"figure: {tmp_path / 'a.png'}\nfigure: {tmp_path / 'b.png'}" in printed
+    report = (tmp_path / "report.md").read_text()
+    assert "![a](a.png)" in report and "![b](b.png)" in report
+
+
+@pytest.mark.slow
+def test_study_command_prints_figure_paths_not_markdown(tmp_path, capsys) -> None:
+    model = resnetlab.create_model("resnet8", num_classes=10, in_chans=1, input_size=(1, 16, 16), mean=(0.3,),
+                                   std=(0.3,))  # fmt: skip
+    resnetlab.save_pretrained(model, tmp_path / "m")
+    out = tmp_path / "r"
+    assert main(["study", "responses", "--from", str(tmp_path / "m"), "--test-subset", "20", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"figure: {out / 'responses.png'}" in printed and f"report: {out / 'report.md'}" in printed
+    assert "![" not in printed and "](" not in printed  # no markdown image links in a terminal
+    assert "![responses](responses.png)" in (out / "report.md").read_text()  # the markdown report keeps them
+    assert json.loads((out / "summary.json").read_text())["figures"] == [str(out / "responses.png")]

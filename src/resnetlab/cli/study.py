@@ -83,11 +83,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _finish(args: argparse.Namespace, summary: dict) -> int:
+    """The summary as JSON, or the report's text and the paths of its figures (a terminal shows no images)."""
+    from resnetlab.studies.common import report_text
+
     if args.json:
         print_json(summary)
     else:
-        print((Path(summary["folder"]) / "report.md").read_text())
-        print(f"outputs: {summary['folder']}")
+        folder = Path(summary["folder"])
+        print(report_text(folder))
+        for figure in summary.get("figures", ()):
+            print(f"figure: {figure}")
+        print(f"report: {folder / 'report.md'}")
+        print(f"outputs: {folder}")
     return 0
 
 

@@ -1,19 +1,22 @@
 """The HTTP service: ``create_app(predictor)`` returns a FastAPI app.
 
-Endpoints: ``POST /predict`` (an image as the raw body or as a multipart ``file``; ``?top_k=5``),
-``GET /health``, ``GET /metadata``, ``GET /metrics``.
+Endpoints: ``POST /predict`` (an image as the raw body or as one multipart ``file``; ``?top_k=5``),
+``GET /health``, ``GET /metadata``, ``GET /metrics`` (Prometheus text format) and ``GET /stats`` (the same
+numbers as JSON).
 
 Every resource a request can hold is bounded, so abusive or unlucky clients cannot harm the others:
 
-- body size (413, refused by header or while streaming), time between body chunks (408), and total time
-  to send the body (408: a client dripping a byte at a time cannot hold a slot for long);
+- request line and headers: 16 KB (431), body size (413, refused by header or while streaming), time
+  between body chunks (408), and total time to send the body (408: a client dripping a byte at a time
+  cannot hold a slot for long);
 - request headers must arrive within ``header_timeout`` (``serve`` only: the connection is closed);
 - ``/predict`` requests in flight, and requests waiting for the model: above the limit, 503 with
   ``Retry-After`` at once, before the body is read;
 - decoded pixels per image (413 for more, checked from the header before decoding) and images decoded at
   once (the others wait their turn).
 
-Images that are not images, truncated or decompression bombs get 415/400/413 with a JSON ``{"error": ...}``.
+Every error, FastAPI's own 404/405/422 included, is answered as JSON ``{"error": "..."}``: a body that is
+no image format gets 415, an image that cannot be decoded (truncated, corrupt) 400, a bomb 413.
 """
 
 from __future__ import annotations
@@ -21,31 +24,69 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections import Counter
+import re
+import time
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from PIL import Image
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from resnetlab.errors import DataError
 from resnetlab.inference import Predictor
 from resnetlab.serve.batcher import DynamicBatcher, Overloaded
+from resnetlab.serve.metrics import PROMETHEUS_CONTENT_TYPE, ServiceMetrics
 
 #: Largest image decoded for a request (width x height): a 48-Mpx phone photo fits; ~150 MB as RGB.
 SERVE_MAX_PIXELS = 50_000_000
+#: Largest request line plus headers, in bytes (h11's default, which uvicorn only enforces on headers that
+#: arrive in several pieces: the app checks the whole request head too).
+MAX_HEADER_BYTES = 16 * 1024
 RETRY_AFTER_S = 1
+# "<_io.BytesIO object at 0x7f...>" and the like: Python object reprs say nothing to a client
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def error_body(message: str) -> bytes:
+    """The one error shape of the service: ``{"error": message}``, with Python object reprs removed."""
+    return json.dumps({"error": _OBJECT_REPR.sub("the upload", message)}).encode()
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
+
+
+def is_image_format(data: bytes) -> bool:
+    """Whether ``data`` starts like a format Pillow reads (its own signature checks): a client that sent
+    an image, however broken, gets 400; one that sent something else gets 415."""
+    Image.init()
+    prefix = data[:16]
+    return any(accept is not None and accept(prefix) for _, accept in Image.OPEN.values())
+
+
+def status_for(error: DataError, data: bytes) -> int:
+    """413 for a declared size over the limit (a decompression bomb), 400 for an image that cannot be
+    decoded (truncated, corrupt, too thin), 415 for a body in no image format."""
+    if str(error).startswith("refusing image"):
+        return 413
+    return 400 if is_image_format(data) else 415
 
 
 class RequestGuard:
-    """ASGI middleware: body size and time limits, a cap on ``/predict`` requests in flight, and a count of
-    the responses sent by status (for ``/metrics``)."""
+    """ASGI middleware: request-head, body size and time limits, a cap on ``/predict`` requests in flight,
+    and the status and latency of every response (for ``/metrics``)."""
 
     def __init__(self, app: Any, *, max_bytes: int, read_timeout: float, body_timeout: float,
-                 max_in_flight: int, statuses: Counter[str]) -> None:  # fmt: skip
+                 max_in_flight: int, metrics: ServiceMetrics, endpoints: frozenset[str],
+                 max_header_bytes: int = MAX_HEADER_BYTES) -> None:  # fmt: skip
         self.app, self.max_bytes, self.read_timeout, self.body_timeout = app, max_bytes, read_timeout, body_timeout
-        self.max_in_flight, self.statuses = max(1, max_in_flight), statuses
+        self.max_in_flight, self.max_header_bytes = max(1, max_in_flight), max_header_bytes
+        self.metrics = metrics
+        self.endpoints = endpoints  # latency is labelled by these paths, "other" for any other (bounded labels)
         self.in_flight = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -53,14 +94,22 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         responded = False
+        status, started = 0, time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
 
         async def tracking_send(message: dict) -> None:
-            nonlocal responded
+            nonlocal responded, status
             if message["type"] == "http.response.start":
-                responded = True
-                self.statuses[str(message["status"])] += 1
+                responded, status = True, message["status"]
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.metrics.observe_response(status, endpoint, time.perf_counter() - started)
 
+        head = _head_bytes(scope)
+        if head > self.max_header_bytes:
+            message = f"request line and headers of {head} bytes exceed the limit of {self.max_header_bytes}"
+            await _send_error(tracking_send, 431, message)
+            return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             message = f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}"
@@ -103,6 +152,12 @@ class RequestGuard:
             self.in_flight -= limited
 
 
+def _head_bytes(scope: dict) -> int:
+    """Bytes of the request line and headers as sent ("GET /path?query HTTP/1.1", "name: value" lines)."""
+    line = len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    return line + 12 + sum(len(name) + len(value) + 4 for name, value in scope.get("headers") or [])
+
+
 class _ClientError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -110,7 +165,7 @@ class _ClientError(Exception):
 
 
 async def _send_error(send: Any, status: int, message: str, *, retry_after: bool = False) -> None:
-    body = json.dumps({"error": message}).encode()
+    body = error_body(message)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]  # fmt: skip
     if retry_after:
@@ -119,13 +174,26 @@ async def _send_error(send: Any, status: int, message: str, *, retry_after: bool
     await send({"type": "http.response.body", "body": body})
 
 
-def status_for(error: DataError) -> int:
-    text = str(error)
-    if text.startswith("refusing image"):
-        return 413  # declared dimensions too large: a decompression bomb
-    if text.startswith("not a readable image"):
-        return 415
-    return 400
+def _validation_message(err: RequestValidationError) -> str:
+    """FastAPI's list of validation problems as one line, e.g. "top_k: Input should be greater than ..."."""
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                     for e in err.errors()) or "invalid request"  # fmt: skip
+
+
+async def _read_upload(request: Request) -> tuple[bytes, str] | Response:
+    """The image of a ``/predict`` request and a name for messages; an error response for a multipart
+    request that does not carry exactly one file, in a field named ``file``."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await request.body(), "request body"
+    try:
+        form = await request.form(max_files=1)
+    except HTTPException as err:  # too many files, or a malformed multipart body
+        return error_response(400, f"multipart upload refused: {err.detail} (send one image per request, "
+                                   "in a field named 'file')")  # fmt: skip
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        return error_response(400, "multipart upload needs a 'file' field holding the image")
+    return await upload.read(), upload.filename or "upload"
 
 
 def create_app(
@@ -139,12 +207,14 @@ def create_app(
     max_concurrent: int = 64,
     max_queue: int = 256,
     max_pixels: int = SERVE_MAX_PIXELS,
+    max_header_bytes: int = MAX_HEADER_BYTES,
     decode_workers: int | None = None,
 ) -> Any:
     """The ASGI app. Worst-case memory is about ``max_concurrent x max_body_bytes`` (bodies held) plus
     ``decode_workers x max_pixels x ~8 bytes`` (images being decoded and resized) plus the model."""
     batcher = DynamicBatcher(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
-    statuses: Counter[str] = Counter()
+    metrics = ServiceMetrics(max_batch=max_batch, queue_depth=batcher.queue.qsize, in_flight=lambda: guard.in_flight)
+    batcher.on_batch, batcher.on_refused = metrics.observe_batch, metrics.refused.inc
     workers = decode_workers or max(1, min(4, os.cpu_count() or 1))
     decode_slots = asyncio.Semaphore(workers)
 
@@ -155,12 +225,24 @@ def create_app(
         await batcher.stop()
 
     app = FastAPI(title="resnetlab", description="ResNet image classification", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.metrics = batcher, metrics
 
     @app.exception_handler(_ClientError)
-    async def client_error(request: Request, err: _ClientError) -> JSONResponse:
+    async def client_error(request: Request, err: _ClientError) -> Response:
         # raised by RequestGuard's receive() while an endpoint reads the body
-        return JSONResponse({"error": err.message}, status_code=err.status, headers={"connection": "close"})
+        return error_response(err.status, err.message, headers={"connection": "close"})
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> Response:  # 404, 405... in our shape
+        return error_response(err.status_code, str(err.detail), headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> Response:
+        return error_response(422, _validation_message(err))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> Response:  # logged by the server
+        return error_response(500, "internal server error: the request could not be answered; see the server log")
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, err: ClientDisconnect) -> Response:
@@ -176,42 +258,43 @@ def create_app(
         return predictor.metadata
 
     @app.get("/metrics")
-    async def metrics() -> dict[str, Any]:
-        return {**batcher.stats(), "in_flight": guard.in_flight, "responses": dict(sorted(statuses.items()))}
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return metrics.snapshot()
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> Any:
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                return JSONResponse({"error": "multipart upload needs a 'file' field"}, status_code=400)
-            data, name = await upload.read(), upload.filename or "upload"
-        else:
-            data, name = await request.body(), "request body"
+        upload = await _read_upload(request)
+        if isinstance(upload, Response):
+            return upload
+        data, name = upload
         if not data:
-            return JSONResponse({"error": "empty body: send an image"}, status_code=400)
+            return error_response(400, "empty body: send an image")
         try:
             async with decode_slots:  # bounds the memory of images being decoded at once
                 tensor = await asyncio.to_thread(predictor.preprocess, data, name, max_pixels=max_pixels)
         except DataError as err:
-            return JSONResponse({"error": str(err)}, status_code=status_for(err))
+            return error_response(status_for(err, data), str(err))
         try:
             prediction = await batcher.submit(tensor, min(top_k, len(predictor.labels)))
         except Overloaded as err:
-            return JSONResponse({"error": str(err)}, status_code=503, headers={"retry-after": str(RETRY_AFTER_S)})
+            return error_response(503, str(err), headers={"retry-after": str(RETRY_AFTER_S)})
         return prediction.to_dict()
 
     guard = RequestGuard(app, max_bytes=max_body_bytes, read_timeout=read_timeout, body_timeout=body_timeout,
-                         max_in_flight=max_concurrent, statuses=statuses)  # fmt: skip
+                         max_in_flight=max_concurrent, max_header_bytes=max_header_bytes, metrics=metrics,
+                         endpoints=frozenset(route.path for route in app.routes))  # fmt: skip
     return guard
 
 
 def header_timeout_protocol(seconds: float) -> type:
     """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived ``seconds``
     after it opened (or after its first byte, between keep-alive requests). uvicorn itself has no such
-    limit: a client sending headers a byte at a time would hold its connection forever."""
+    limit: a client sending headers a byte at a time would hold its connection forever. Its answer to a
+    request h11 cannot parse (or whose headers outgrow h11's buffer) is JSON, like every other error."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderTimeoutProtocol(H11Protocol):
@@ -248,6 +331,16 @@ def header_timeout_protocol(seconds: float) -> type:
             self._disarm()
             super().connection_lost(exc)
 
+        def send_400_response(self, msg: str) -> None:
+            import h11
+
+            body = error_body(f"invalid HTTP request (malformed, or request headers over {MAX_HEADER_BYTES} bytes)")
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]  # fmt: skip
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
     return HeaderTimeoutProtocol
 
 
@@ -257,4 +350,5 @@ def serve(predictor: Predictor, *, host: str = "127.0.0.1", port: int = 8000, he
     import uvicorn
 
     uvicorn.run(create_app(predictor, **options), host=host, port=port, timeout_keep_alive=5, log_level="info",
-                http=header_timeout_protocol(header_timeout))  # fmt: skip
+                http=header_timeout_protocol(header_timeout),
+                h11_max_incomplete_event_size=options.get("max_header_bytes", MAX_HEADER_BYTES))  # fmt: skip

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -23,16 +22,26 @@ class Overloaded(Exception):
     """The queue of requests waiting for the model is full: the caller should retry later (HTTP 503)."""
 
 
+def _ignore_batch(size: int, seconds: float) -> None:
+    pass
+
+
+def _ignore_refusal() -> None:
+    pass
+
+
 class DynamicBatcher:
-    def __init__(self, predictor: Predictor, *, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 max_queue: int = 256) -> None:  # fmt: skip
+    """Gathers queued requests into batches; ``on_batch(size, seconds)`` hears of each forward pass and
+    ``on_refused()`` of each request refused because the queue was full (the service's metrics)."""
+
+    def __init__(self, predictor: Predictor, *, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 on_batch: Callable[[int, float], None] = _ignore_batch,
+                 on_refused: Callable[[], None] = _ignore_refusal) -> None:  # fmt: skip
         self.predictor = predictor
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.queue: asyncio.Queue[tuple[torch.Tensor, int, asyncio.Future]] = asyncio.Queue(max(1, max_queue))
-        self.refused = 0
-        self.batch_sizes: Counter[int] = Counter()
-        self.requests = 0
+        self.on_batch, self.on_refused = on_batch, on_refused
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -51,7 +60,7 @@ class DynamicBatcher:
         try:
             self.queue.put_nowait((tensor, top_k, future))
         except asyncio.QueueFull:
-            self.refused += 1
+            self.on_refused()
             waiting = self.queue.maxsize
             raise Overloaded(f"{waiting} requests are already waiting for the model; retry shortly") from None
         return await future
@@ -73,6 +82,7 @@ class DynamicBatcher:
                 continue
             batch = torch.stack([tensor for tensor, _, _ in items])
             top_k = max(k for _, k, _ in items)
+            start = time.perf_counter()
             try:
                 predictions = await asyncio.to_thread(self.predictor.predict_tensors, batch, top_k)
             except Exception as err:  # a failed batch fails its requests, not the server
@@ -80,17 +90,8 @@ class DynamicBatcher:
                     if not future.done():
                         future.set_exception(err)
                 continue
-            self.batch_sizes[len(items)] += 1
-            self.requests += len(items)
+            self.on_batch(len(items), time.perf_counter() - start)
             for (_, k, future), prediction in zip(items, predictions):
                 if not future.done():
                     future.set_result(Prediction(prediction.labels[:k], prediction.indices[:k],
                                                  prediction.probabilities[:k]))  # fmt: skip
-
-    def stats(self) -> dict[str, Any]:
-        batches = sum(self.batch_sizes.values())
-        return {"requests": self.requests, "batches": batches,
-                "mean_batch_size": self.requests / batches if batches else 0.0,
-                "max_batch_size": max(self.batch_sizes, default=0),
-                "batch_sizes": dict(sorted(self.batch_sizes.items())), "queued": self.queue.qsize(),
-                "refused_queue_full": self.refused}  # fmt: skip

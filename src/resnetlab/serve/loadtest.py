@@ -39,7 +39,7 @@ async def load_test(url: str, image: bytes, *, requests: int = 200, concurrency:
         start = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(requests)))
         elapsed = time.perf_counter() - start
-        metrics = (await client.get("/metrics")).json()
+        metrics = (await client.get("/stats")).json()
     ordered = sorted(latencies)
 
     def percentile(q: float) -> float:

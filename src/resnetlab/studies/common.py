@@ -47,12 +47,35 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str] 
         writer.writerows(rows)
 
 
-def write_report(folder: Path, title: str, paragraphs: Sequence[str], summary: dict[str, Any]) -> Path:
-    """report.md (for people) and summary.json (for scripts) side by side."""
+#: Where report.md's figures begin: the terminal shows the text above it and the figures' paths instead.
+FIGURES_HEADING = "## Figures"
+
+
+def write_report(folder: Path, title: str, paragraphs: Sequence[str], summary: dict[str, Any],
+                 figures: Sequence[str] = ()) -> Path:  # fmt: skip
+    """report.md (for people, the ``figures`` of ``folder`` shown at its end) and summary.json (for scripts,
+    with the figures' paths under "figures") side by side."""
     text = f"# {title}\n\n" + "\n\n".join(paragraphs) + "\n"
+    if figures:
+        text += f"\n{FIGURES_HEADING}\n\n" + "\n\n".join(f"![{Path(f).stem}]({f})" for f in figures) + "\n"
+    summary["figures"] = [str(folder / f) for f in figures]
     (folder / "report.md").write_text(text)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return folder / "report.md"
+
+
+def report_text(folder: Path) -> str:
+    """report.md without its figures section: what a terminal can show (the figures are files to open)."""
+    return (folder / "report.md").read_text().split(f"\n{FIGURES_HEADING}\n")[0].rstrip() + "\n"
+
+
+def evaluation_split(bundle: DataBundle) -> tuple[str, Any]:
+    """The split the studies evaluate on and its name: the test split, else the validation split."""
+    if bundle.test is not None:
+        return "test", bundle.test
+    if bundle.val is not None:
+        return "validation", bundle.val
+    raise ConfigError(f"{bundle.name} has no test or validation split to evaluate on")
 
 
 def study_data(source: str | None, *, subset: int | None = None, test_subset: int | None = None,
@@ -85,10 +108,7 @@ class EvalSets:
         if key not in self._prepared:
             bundle = study_data(self.data, test_subset=self.test_subset, seed=self.seed, augment="none",
                                 image_size=key[0], mean=c.mean, std=c.std)  # fmt: skip
-            split = bundle.test if bundle.test is not None else bundle.val
-            if split is None:
-                raise ConfigError(f"{bundle.name} has no test or validation split to evaluate on")
-            self._prepared[key] = bundle, eval_batches(split)
+            self._prepared[key] = bundle, eval_batches(evaluation_split(bundle)[1])
         return self._prepared[key]
 
 

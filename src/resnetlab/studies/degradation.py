@@ -1,7 +1,9 @@
 """The degradation problem (He et al. 2015, Fig. 6): deeper plain nets train *worse*; residual nets do not.
 
-Plain and residual twins of each depth are trained with the same recipe and seed; training error (thin)
-and test error (bold) are drawn against iterations, plain nets left, residual nets right.
+Plain and residual twins of each depth are trained with the same recipe and seed; training error (thin,
+dashed) and test error (bold) are drawn against iterations, plain nets left, residual nets right. The
+report states what was measured and with what budget: a short run shows early training, not the paper's
+comparison at convergence (64,000 iterations of batch 128).
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.errors import ConfigError
-from resnetlab.studies.common import pyplot, study_data, study_dir, write_csv, write_report
+from resnetlab.studies.common import evaluation_split, study_data, study_dir, write_csv, write_report
+from resnetlab.studies.figures import data_caption, depth_colours, figure_legend, new_figure, save_figure
 from resnetlab.train import load_recipe, train
+
+#: The paper's training budget for CIFAR-10 (He et al. 2015, section 4.2), in images seen.
+PAPER_IMAGES_SEEN = 64_000 * 128
 
 
 def degradation_study(
@@ -29,7 +35,7 @@ def degradation_study(
     resume: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Train ``plain{d}`` and ``resnet{d}`` for each depth; returns the final errors and the verdict.
+    """Train ``plain{d}`` and ``resnet{d}`` for each depth; returns the final errors and the budget.
 
     ``resume``: a model whose run folder in ``out`` has a checkpoint continues from it (a finished one is
     only collected), so an interrupted study picks up where it stopped."""
@@ -37,9 +43,7 @@ def degradation_study(
         raise ConfigError(f"degradation compares depths: give at least two, e.g. --depths 20,56 (got {depths})")
     folder = study_dir("degradation", out)
     bundle = study_data(data, subset=subset, test_subset=test_subset, seed=seed)
-    evaluation = bundle.test if bundle.test is not None else bundle.val
-    if evaluation is None:
-        raise ConfigError(f"{bundle.name} has no test or validation split: the study needs test errors")
+    split, evaluation = evaluation_split(bundle)
     if max_iters:
         overrides["max_iters"] = max_iters
     if resume:
@@ -64,28 +68,49 @@ def degradation_study(
     shallow, deep = min(depths), max(depths)
     plain_degrades = final[f"plain{deep}"]["train_error"] > final[f"plain{shallow}"]["train_error"]
     resnet_improves = final[f"resnet{deep}"]["train_error"] < final[f"resnet{shallow}"]["train_error"]
-    _plot(curves, depths, folder / "degradation.png")
+    iterations = max((h["step"] for history in curves.values() for h in history), default=0)
+    budget = {"iterations": iterations, "batch_size": cfg.batch_size, "images_seen": iterations * cfg.batch_size,
+              "epochs": iterations * cfg.batch_size / len(bundle.train),
+              "fraction_of_paper_budget": iterations * cfg.batch_size / PAPER_IMAGES_SEEN}  # fmt: skip
+    title = (f"Degradation: plain vs residual nets of {', '.join(map(str, sorted(depths)))} layers "
+             f"({iterations} iterations of batch {cfg.batch_size}, {budget['epochs']:.2g} epochs)\n"
+             f"training error on {data_caption(bundle.name, 'train', len(bundle.train))}; "
+             f"test error on {data_caption(bundle.name, split, len(evaluation))}")  # fmt: skip
+    save_figure(plot_degradation(curves, depths, title, batch_size=cfg.batch_size), folder / "degradation.png")
     summary = {"depths": list(depths), "final": {n: {k: v if math.isfinite(v) else None for k, v in errors.items()}
                                                  for n, errors in final.items()},
                "plain_deeper_trains_worse": plain_degrades, "resnet_deeper_trains_better": resnet_improves,
-               "data": bundle.name, "train_images": len(bundle.train), "test_images": len(evaluation),
-               "recipe": recipe, "iterations": cfg.max_iters, "batch_size": cfg.batch_size, "lr": cfg.lr,
-               "seconds_this_call": seconds, "resumed": resumed, "models": models, "folder": str(folder)}  # fmt: skip
+               "budget": budget, "data": bundle.name, "train_images": len(bundle.train), "split": split,
+               "test_images": len(evaluation), "recipe": recipe, "iterations": cfg.max_iters,
+               "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds_this_call": seconds, "resumed": resumed,
+               "models": models, "folder": str(folder)}  # fmt: skip
     table = "| model | final training error | final test error |\n|---|---|---|\n" + "\n".join(
         f"| {name} | {v['train_error']:.2f}% | {v['test_error']:.2f}% |" for name, v in final.items()
     )
-    verdict = (f"Plain-{deep} {'has a HIGHER' if plain_degrades else 'does not have a higher'} training error "
-               f"than plain-{shallow} (degradation {'observed' if plain_degrades else 'not observed'}); "
-               f"ResNet-{deep} {'has a lower' if resnet_improves else 'does not have a lower'} training error than "
-               f"ResNet-{shallow}.")  # fmt: skip
     write_report(folder, "Degradation study", [
-        f"Data: {bundle.name}, {len(bundle.train)} training images, test error on {len(evaluation)} images; "
-        f"recipe {recipe!r} ({cfg.max_iters or f'{cfg.epochs} epochs of'} iterations, batch {cfg.batch_size}, "
-        f"lr {cfg.lr}), seed {seed}. Training error: the running error on the (augmented) training batches since "
-        "the previous evaluation, as in the paper's curves; 'final' is the mean of the last 3 evaluations.",
-        verdict, table, "![degradation](degradation.png)",
-    ], summary)  # fmt: skip
+        f"Data: {bundle.name}, {len(bundle.train)} training images, {split} error on {len(evaluation)} images; "
+        f"recipe {recipe!r}, batch {cfg.batch_size}, lr {cfg.lr}, seed {seed}. Training error: the running "
+        "error on the (augmented) training batches since the previous evaluation, as in the paper's curves; "
+        "'final' is the mean of the last 3 evaluations.",
+        _measured(final, shallow, deep, budget), table,
+    ], summary, figures=["degradation.png"])  # fmt: skip
     return summary
+
+
+def _measured(final: dict[str, dict[str, float]], shallow: int, deep: int, budget: dict[str, Any]) -> str:
+    """What was measured, with its budget: the final training errors of the shallowest and deepest twins,
+    and how far this budget is from the paper's (no verdict a short run cannot support)."""
+
+    def pair(family: str, label: str) -> str:
+        a, b = final[f"{family}{shallow}"]["train_error"], final[f"{family}{deep}"]["train_error"]
+        return f"{label}-{shallow} {a:.2f}%, {label}-{deep} {b:.2f}% ({b - a:+.2f} points for the deeper net)"
+
+    return (f"Measured after {budget['iterations']} iterations of batch {budget['batch_size']} "
+            f"({budget['images_seen']:,} images, {budget['epochs']:.2g} epochs): final training error "
+            f"{pair('plain', 'plain')}; {pair('resnet', 'ResNet')}. This is "
+            f"{100 * budget['fraction_of_paper_budget']:.2g}% of the paper's training (64,000 iterations of batch "
+            "128): it shows early training only, and says nothing about which net trains better at convergence, "
+            "where the paper compares them.")  # fmt: skip
 
 
 def _final_errors(history: list[dict[str, Any]], last: int = 3) -> dict[str, float]:
@@ -97,22 +122,26 @@ def _final_errors(history: list[dict[str, Any]], last: int = 3) -> dict[str, flo
             "test_error": sum(100 - h["eval_top1"] for h in tail) / len(tail)}  # fmt: skip
 
 
-def _plot(curves: dict[str, list[dict[str, Any]]], depths: tuple[int, ...], path: Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    colors = plt.cm.viridis([i / max(len(depths) - 1, 1) for i in range(len(depths))])
-    for ax, family in zip(axes, ("plain", "resnet")):
-        for depth, color in zip(depths, colors):
+def plot_degradation(curves: dict[str, list[dict[str, Any]]], depths: tuple[int, ...], title: str, *,
+                     batch_size: int) -> Any:  # fmt: skip
+    """Error against iterations, plain nets left and residual nets right: a colour per depth (the same for
+    the twins), training error thin and dashed, test error bold; the key beside the panels."""
+    from matplotlib.lines import Line2D
+
+    fig, axes = new_figure(title, 1, 2, size=(13, 4.8), sharey=True)
+    colours = depth_colours(depths)
+    for ax, family in zip(axes[0], ("plain", "resnet")):
+        for depth in sorted(depths):
             history = curves[f"{family}{depth}"]
             steps = [h["step"] for h in history]
-            ax.plot(steps, [100 - h["train_top1"] for h in history], color=color, lw=0.9, ls="--")
-            ax.plot(steps, [100 - h["eval_top1"] for h in history], color=color, lw=2.2,
-                    label=f"{'plain' if family == 'plain' else 'ResNet'}-{depth}")  # fmt: skip
-        ax.set_title("plain networks" if family == "plain" else "residual networks")
-        ax.set_xlabel("iterations")
+            ax.plot(steps, [100 - h["train_top1"] for h in history], color=colours[depth], lw=1.1, ls="--")
+            ax.plot(steps, [100 - h["eval_top1"] for h in history], color=colours[depth], lw=2.4)
+        ax.set_title("plain networks" if family == "plain" else "residual networks (ResNet)")
+        ax.set_xlabel(f"training iterations (batches of {batch_size} images)")
+        ax.set_ylabel("error (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel("error (%)  — dashed: training, bold: test")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    handles = [Line2D([], [], color=colours[d], lw=2.4, label=f"{d} layers") for d in sorted(depths)]
+    handles += [Line2D([], [], color="black", lw=1.1, ls="--", label="training error"),
+                Line2D([], [], color="black", lw=2.4, label="test error")]  # fmt: skip
+    figure_legend(fig, handles, fontsize=9)
+    return fig

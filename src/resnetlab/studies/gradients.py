@@ -23,6 +23,17 @@ from torch import nn
 from resnetlab.errors import ConfigError
 from resnetlab.models import create_model
 from resnetlab.studies.common import pyplot, study_data, study_dir, write_csv, write_report
+from resnetlab.studies.figures import (
+    FAMILY_STYLE,
+    data_caption,
+    depth_colours,
+    figure_legend,
+    line_style,
+    new_figure,
+    save_figure,
+    style_key,
+    twin,
+)
 from resnetlab.train import StepInfo, TrainingDiverged, load_recipe, train
 
 
@@ -141,9 +152,16 @@ def gradients_study(
     ratios = {name: first_over_last(grads) for name, grads in at_init.items()}
     first = {name: grads[0] for name, grads in at_init.items()}
     overflow = sorted(name for name, grads in at_init.items() if not all(math.isfinite(g) for g in grads))
-    _plot_init(at_init, norms, folder / "gradients_at_init.png")
+    caption = data_caption(bundle.name, "train", len(bundle.train))
+    title = (f"Gradient norm of each conv layer at initialisation: plain vs residual twins\n"
+             f"one batch of {len(batch[1])} images from {caption}; cross-entropy loss, train mode")  # fmt: skip
+    save_figure(plot_gradients_at_init(at_init, norms, depths, title), folder / "gradients_at_init.png")
+    figures = ["gradients_at_init.png"]
     if during:
-        _plot_training(during, folder / "gradients_training.png")
+        title = (f"Gradient norms during {train_steps} training steps (batch {batch_size}, recipe {recipe!r})\n"
+                 f"{caption}")  # fmt: skip
+        save_figure(plot_gradients_training(during, title), folder / "gradients_training.png")
+        figures.append("gradients_training.png")
     training = {name: _training_ratios(trace) for name, trace in during.items()}
     summary = {"first_over_last_at_init": _finite_or_none(ratios), "first_layer_at_init": _finite_or_none(first),
                "overflow_at_init": overflow, "float64_at_init": in_float64,
@@ -172,8 +190,7 @@ def gradients_study(
     if diverged:
         paragraphs.append("Diverged (training stopped, the steps before it are kept): " + "; ".join(
             f"{n}: {message}" for n, message in diverged.items()))  # fmt: skip
-    paragraphs += ["![at init](gradients_at_init.png)", *(["![training](gradients_training.png)"] if during else [])]
-    write_report(folder, "Gradient flow study", paragraphs, summary)
+    write_report(folder, "Gradient flow study", paragraphs, summary, figures)
     return summary
 
 
@@ -194,25 +211,35 @@ def _fmt(value: float | None) -> str:
     return "overflow" if value is None or not math.isfinite(value) else f"{value:.3g}"
 
 
-def _plot_init(at_init: dict[str, list[float]], norms: tuple[str, ...], path: Path) -> None:
-    """Gradient norm per conv layer against relative depth, so that nets of 20 and 1202 layers share an axis."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(norms), figsize=(7 * len(norms), 4.2), squeeze=False)
-    for ax, norm in zip(axes[0], norms):
-        for name, grads in at_init.items():
-            if name.endswith(f"/{norm}"):
-                position = [i / max(len(grads) - 1, 1) for i in range(len(grads))]
+_NORM_WORDS = {"batchnorm": "BatchNorm", "none": "no normalisation", "groupnorm": "GroupNorm"}
+
+
+def plot_gradients_at_init(at_init: dict[str, list[float]], norms: tuple[str, ...], depths: tuple[int, ...],
+                           title: str) -> Any:  # fmt: skip
+    """One panel per depth (columns) and norm layer (rows), each on its own log scale, so that the
+    differences at 20 layers are not flattened by the 1e76 of a 1202-layer plain net. In a panel the twins
+    share the depth's colour: plain dashed, residual solid. Each title gives the first/last layer ratios."""
+    depths = tuple(sorted(depths))
+    fig, axes = new_figure(title, len(norms), len(depths), size=(3.9 * len(depths) + 1.6, 3.3 * len(norms) + 0.8))
+    colours = depth_colours(depths)
+    for row, norm in zip(axes, norms):
+        for ax, depth in zip(row, depths):
+            ratios = []
+            for family in ("plain", "resnet"):
+                name = f"{family}{depth}"
+                grads = at_init.get(f"{name}/{norm}")
+                if grads is None:
+                    continue
                 finite = [g if math.isfinite(g) and g > 0 else math.nan for g in grads]
-                label = name.split("/")[0] + ("" if all(math.isfinite(g) for g in grads) else " (overflow)")
-                ax.semilogy(position, finite, ls="-" if name.startswith("resnet") else "--", label=label)
-        ax.set_title(f"at initialisation, norm layer: {norm}")
-        ax.set_xlabel("relative depth of the conv layer (0: input, 1: output)")
-        ax.set_ylabel("gradient norm")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+                ax.semilogy(range(1, len(grads) + 1), finite, **line_style(name, colours, 0), lw=1.4)
+                ratios.append(f"{FAMILY_STYLE[family]['word']} {_fmt(first_over_last(grads))}")
+            ax.set_title(f"{depth} layers, {_NORM_WORDS.get(norm, norm)}\nfirst / last layer: {', '.join(ratios)}",
+                         fontsize=9)  # fmt: skip
+            ax.set_xlabel("conv layer (1: next to the input)")
+            ax.set_ylabel("gradient L2 norm (log scale)")
+            ax.grid(alpha=0.3, which="both")
+    figure_legend(fig, style_key(lw=1.4), fontsize=9, title="colour: depth")
+    return fig
 
 
 def _log_grids(during: dict[str, list[tuple[int, list[float]]]]) -> tuple[dict[str, torch.Tensor], float, float]:
@@ -228,14 +255,16 @@ def _log_grids(during: dict[str, list[tuple[int, list[float]]]]) -> tuple[dict[s
     return grids, low, high
 
 
-def _plot_training(during: dict[str, list[tuple[int, list[float]]]], path: Path) -> None:
+def plot_gradients_training(during: dict[str, list[tuple[int, list[float]]]], title: str) -> Any:
     """One heat map per model (log10 gradient norm, layer x step) on a shared colour range taken from the
-    data, and the first/last ratio against steps. Zero or non-finite norms are drawn grey."""
+    data, and the first/last ratio against steps (twins share a colour: plain dashed, residual solid).
+    Zero or non-finite norms are drawn grey."""
     plt = pyplot()
     names = list(during)
     grids, low, high = _log_grids(during)
     cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")
-    fig = plt.figure(figsize=(max(2.6 * len(names), 8), 7.5), layout="constrained")
+    fig = plt.figure(figsize=(max(2.6 * len(names), 8) + 1.5, 8), layout="constrained")
+    fig.suptitle(title, fontsize=11)
     top, bottom = fig.subfigures(2, 1, height_ratios=(1.15, 1))
     axes = top.subplots(1, len(names), squeeze=False)[0]
     image = None
@@ -245,19 +274,21 @@ def _plot_training(during: dict[str, list[tuple[int, list[float]]]], path: Path)
         image = ax.imshow(grid.numpy(), aspect="auto", origin="lower", cmap=cmap, vmin=low, vmax=max(high, low + 1e-9),
                           extent=(steps[0] - 0.5, steps[-1] + 0.5, 0, grid.shape[0]))  # fmt: skip
         ax.set_title(name)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("conv layer (input at the bottom)")
         ax.yaxis.get_major_locator().set_params(integer=True)
-    axes[0].set_ylabel("conv layer (input at the bottom)")
     if image is not None:
-        top.colorbar(image, ax=list(axes), label="log10 gradient norm")
+        top.colorbar(image, ax=list(axes), label="log10 of the gradient L2 norm")
     ratio_ax = bottom.subplots()
-    for name in names:
+    colours = depth_colours(parsed[1] for parsed in map(twin, names) if parsed)
+    for index, name in enumerate(names):
         ratios = [first_over_last(g) for _, g in during[name]]
         ratio_ax.semilogy([s for s, _ in during[name]], [r if math.isfinite(r) and r > 0 else math.nan for r in ratios],
-                          ls="-" if name.startswith("resnet") else "--", label=name)  # fmt: skip
-    ratio_ax.set_title("gradient norm of the first conv layer / the last")
-    ratio_ax.set_xlabel("step")
+                          **line_style(name, colours, index), label=name)  # fmt: skip
+    ratio_ax.set_title("gradient norm of the first conv layer / the last (1: same scale; far above: explodes "
+                       "towards the input; far below: vanishes)", fontsize=9)  # fmt: skip
+    ratio_ax.set_xlabel("training step")
+    ratio_ax.set_ylabel("first / last layer (ratio, log scale)")
     ratio_ax.grid(alpha=0.3, which="both")
-    ratio_ax.legend(fontsize=8, ncol=2)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ratio_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    return fig

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from resnetlab.errors import ConfigError
 from resnetlab.models import ResNet
 from resnetlab.sources import common_data, resolve_source
-from resnetlab.studies.common import EvalSets, accuracy, pyplot, study_dir, write_csv, write_report
+from resnetlab.studies.common import EvalSets, accuracy, evaluation_split, study_dir, write_csv, write_report
+from resnetlab.studies.figures import consecutive_runs, data_caption, legend_outside, new_figure, save_figure
 
 
 @contextmanager
@@ -171,12 +172,17 @@ def lesion_study(
     paths = path_gradient_magnitudes(model, (x[:path_images], y[:path_images]), path_samples, seed)
     write_csv(folder / "lesions.csv", rows, ("net", "kind", "block", "downsampling", "k", "accuracy"))
     write_csv(folder / "paths.csv", paths, ("length", "paths", "gradient", "path_fraction", "gradient_share"))
-    _plot(results, paths, folder / "lesion.png")
+    split = evaluation_split(bundle)[0]
+    chance = summary["residual"]["chance"]
+    models = " vs ".join(f"{summary[kind]['model']} ({kind})" for kind in nets)
+    caption = data_caption(bundle.name, split, summary["images"])
+    title = f"Lesion study: {models}, blocks deleted at test time\n{caption}; (c) on {summary['path_images']} of them"
+    save_figure(plot_lesion(results, paths, title, chance=chance, samples=samples), folder / "lesion.png")
     n = len(model.blocks())
     effective = max(paths, key=lambda r: r["gradient_share"])["length"]
     summary["paths"] = dict(blocks=n, most_gradient_at_length=effective,
                             mean_path_length=sum(r["length"] * r["path_fraction"] for r in paths))  # fmt: skip
-    write_report(folder, "Lesion study", _report(summary, results, n, effective), summary)
+    write_report(folder, "Lesion study", _report(summary, results, n, effective), summary, figures=["lesion.png"])
     return summary
 
 
@@ -239,15 +245,17 @@ def _report(summary: dict[str, Any], results: dict[str, Any], n: int, effective:
     paragraphs += [
         f"Paths: {n} blocks give 2^{n} paths, mean length {summary['paths']['mean_path_length']:.1f}; the largest "
         f"share of the input gradient comes from paths of length {effective}.",
-        "![lesion](lesion.png)",
     ]
     return paragraphs
 
 
-def _plot(results: dict[str, Any], paths: list[dict[str, Any]], path: Path) -> None:
-    """Single lesions per block (downsampling blocks marked x), random k-block lesions, and the paths."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+def plot_lesion(results: dict[str, Any], paths: list[dict[str, Any]], title: str, *, chance: float,
+                samples: int) -> Any:  # fmt: skip
+    """(a) single lesions per block (downsampling blocks marked x), (b) k blocks deleted at random: each draw
+    a dot, the mean a marker, joined only between consecutive measured k, (c) the share of paths and of the
+    gradient by path length. (a) and (b) show the intact accuracy and chance."""
+    fig, grid = new_figure(title, 1, 3, size=(17, 5.2))
+    axes = grid[0]
     for index, (kind, res) in enumerate(results.items()):
         color = f"C{index}"
         single = res["single"]
@@ -256,23 +264,30 @@ def _plot(results: dict[str, Any], paths: list[dict[str, Any]], path: Path) -> N
         down = [r for r in single if r["downsampling"]]
         axes[0].plot([r["block"] for r in down], [r["accuracy"] for r in down], "x", color="black", ms=10, mew=2,
                      label="downsampling block" if index == 0 else None)  # fmt: skip
-        axes[0].axhline(res["intact"], ls=":", color=color, label=f"{kind}: intact")
+        for ax in axes[:2]:
+            ax.axhline(res["intact"], ls=":", color=color, label=f"{kind}: intact ({res['intact']:.1f}%)")
         ks = sorted({r["k"] for r in res["multi"]})
-        means = [_mean([r["accuracy"] for r in res["multi"] if r["k"] == k]) for k in ks]
-        axes[1].plot(ks, means, "o-", color=color, label=kind)
-    axes[0].set_xlabel("deleted block")
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8)
-    axes[1].set_xlabel("number of blocks deleted at random")
-    axes[1].set_ylabel("test accuracy (%)")
-    axes[1].legend()
+        draws = [(r["k"], r["accuracy"]) for r in res["multi"]]
+        axes[1].plot([k for k, _ in draws], [a for _, a in draws], ".", color=color, alpha=0.35, ms=5,
+                     label=f"{kind}: one random draw")  # fmt: skip
+        means = {k: _mean([a for kk, a in draws if kk == k]) for k in ks}
+        axes[1].plot(ks, [means[k] for k in ks], "o", color=color, ms=6, label=f"{kind}: mean of {samples} draws")
+        for run in consecutive_runs(ks):  # no line across a k where nothing was measured
+            axes[1].plot(run, [means[k] for k in run], "-", color=color)
+    for ax in axes[:2]:
+        ax.axhline(chance, ls="-.", color="grey", label=f"chance ({chance:.0f}%)")
+        ax.set_ylabel("test accuracy (%)")
+    axes[0].set_title("(a) one block deleted at a time")
+    axes[0].set_xlabel("deleted block (0: next to the input)")
+    axes[1].set_title("(b) k blocks deleted at random")
+    axes[1].set_xlabel("number of blocks deleted, k (lines join consecutive measured k only)")
     lengths = [r["length"] for r in paths]
     axes[2].bar(lengths, [r["path_fraction"] for r in paths], alpha=0.4, label="share of paths")
     axes[2].plot(lengths, [r["gradient_share"] for r in paths], "o-", color="C3", label="share of gradient")
+    axes[2].set_title("(c) paths of the residual net by length")
     axes[2].set_xlabel("path length (residual branches on the path)")
-    axes[2].legend()
+    axes[2].set_ylabel("share (fraction of all paths / of the input gradient)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        legend_outside(ax, below=True, fontsize=8, ncol=2)
+    return fig

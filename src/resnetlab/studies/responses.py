@@ -14,7 +14,21 @@ from torch import nn
 from resnetlab.errors import ConfigError
 from resnetlab.models import ResNet
 from resnetlab.sources import common_data, resolve_source
-from resnetlab.studies.common import EvalSets, pyplot, study_dir, write_csv, write_report
+from resnetlab.studies.common import EvalSets, evaluation_split, study_dir, write_csv, write_report
+from resnetlab.studies.figures import (
+    data_caption,
+    depth_colours,
+    legend_outside,
+    line_style,
+    new_figure,
+    save_figure,
+    twin,
+)
+
+#: What each value is, for the report and the figure's axis.
+RESPONSE_STD = (
+    "std of each 3x3 layer's response after its BN (per channel over images and positions, mean over channels)"
+)
 
 
 def response_layers(model: ResNet) -> list[nn.Module]:
@@ -102,30 +116,35 @@ def responses_study(
         results[label] = stds
         rows += [dict(model=label, layer=i, std=s) for i, s in enumerate(stds)]
     write_csv(folder / "responses.csv", rows, ("model", "layer", "std"))
-    _plot(results, folder / "responses.png")
-    summary = {name: {"layers": len(s), "mean_std": sum(s) / len(s), "max_std": max(s)} for name, s in results.items()}
+    split = evaluation_split(bundle)[0]
+    caption = data_caption(bundle.name, split, sum(len(y) for _, y in batches))
+    title = f"Layer responses of {', '.join(results)}\n{caption}"
+    save_figure(plot_responses(results, title), folder / "responses.png")
+    models = {name: {"layers": len(s), "mean_std": sum(s) / len(s), "max_std": max(s)} for name, s in results.items()}
     table = "| model | layers | mean response std | largest |\n|---|---|---|---|\n" + "\n".join(
-        f"| {n} | {v['layers']} | {v['mean_std']:.3f} | {v['max_std']:.3f} |" for n, v in summary.items()
+        f"| {n} | {v['layers']} | {v['mean_std']:.3f} | {v['max_std']:.3f} |" for n, v in models.items()
     )
-    write_report(folder, "Layer responses", [
-        f"Data: {bundle.name if bundle else '-'}; std of each 3x3 layer's normalised output over the test images.",
-        table, "![responses](responses.png)",
-    ], {"models": summary, "folder": str(folder)})  # fmt: skip
-    return {"models": summary, "folder": str(folder)}
+    summary = {"models": models, "data": bundle.name, "split": split, "folder": str(folder)}
+    write_report(folder, "Layer responses", [f"Data: {caption}; {RESPONSE_STD}.", table], summary,
+                 figures=["responses.png"])  # fmt: skip
+    return summary
 
 
-def _plot(results: dict[str, list[float]], path: Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6.5))
-    for name, stds in results.items():
-        axes[0].plot(range(1, len(stds) + 1), stds, lw=1.2, label=name)
-        axes[1].plot(range(1, len(stds) + 1), sorted(stds, reverse=True), lw=1.2, label=name)
-    axes[0].set_xlabel("layer index (original order)")
-    axes[1].set_xlabel("layer index (sorted by magnitude)")
-    for ax in axes:
-        ax.set_ylabel("std")
+def plot_responses(results: dict[str, list[float]], title: str) -> Any:
+    """Each model's response stds in network order (top) and sorted by size (bottom); plain/resnet twins
+    share a colour per depth (plain dashed, residual solid)."""
+    fig, axes = new_figure(title, 2, 1, size=(11, 7.5))
+    colours = depth_colours(parsed[1] for parsed in map(twin, results) if parsed)
+    for index, (name, stds) in enumerate(results.items()):
+        style = line_style(name, colours, index)
+        axes[0][0].plot(range(1, len(stds) + 1), stds, lw=1.3, label=name, **style)
+        axes[1][0].plot(range(1, len(stds) + 1), sorted(stds, reverse=True), lw=1.3, label=name, **style)
+    axes[0][0].set_title("in network order")
+    axes[0][0].set_xlabel("3x3 layer (1: next to the input)")
+    axes[1][0].set_title("sorted by size")
+    axes[1][0].set_xlabel("rank of the layer (1: largest response)")
+    for (ax,) in axes:
+        ax.set_ylabel("std of the layer's response\nafter BN (normalised units)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        legend_outside(ax, fontsize=8)
+    return fig
