@@ -1,20 +1,75 @@
-"""``evaluate_model``: accuracy, per-class accuracy and a confusion matrix for a trained model."""
+"""``evaluate``: a model's loss, top-1/top-5 and confusion matrix on a dataset (the training engine's
+periodic evaluations use it too); ``evaluate_model``: that for a trained model, with its reports on disk."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
 
-from resnetlab.data import build_data
+from resnetlab.data import TensorImageDataset, build_data
 from resnetlab.errors import ConfigError, DataError, WeightsError
 from resnetlab.loading import load_model
 from resnetlab.train.checkpoint import load_checkpoint
-from resnetlab.train.engine import evaluate, resolve_device, workers_for
+from resnetlab.train.execution import resolve_device
+from resnetlab.train.metrics import accuracy_counts
+from resnetlab.train.rundir import RunDir
+
+
+def workers_for(dataset: Any, num_workers: int) -> int:
+    """DataLoader workers for evaluating ``dataset``: none for in-memory sets (starting workers costs more
+    than their transforms), ``num_workers`` for images decoded per item."""
+    return 0 if isinstance(dataset, TensorImageDataset) else num_workers
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Loss, top-1 and top-5 accuracy and the confusion matrix of ``model`` on ``dataset``.
+
+    Ten-crop items ``(10, C, H, W)`` are averaged over their crops.
+    """
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
+    n_classes = num_classes or len(getattr(dataset, "classes", [])) or 0
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    total, loss_sum, top1, top5 = 0, 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        crops = x.shape[1] if x.ndim == 5 else 0
+        if crops:
+            x = x.flatten(0, 1)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x).float()
+        if crops:
+            logits = logits.view(-1, crops, logits.shape[-1]).mean(1)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        c1, c5 = accuracy_counts(logits, y)
+        top1, top5, total = top1 + c1, top5 + c5, total + len(y)
+        if n_classes:
+            pairs = y.cpu() * n_classes + logits.argmax(1).cpu()
+            confusion += torch.bincount(pairs, minlength=n_classes**2).view(n_classes, n_classes)
+    model.train(was_training)
+    total = max(total, 1)
+    return {"loss": loss_sum / total, "top1": 100 * top1 / total, "top5": 100 * top5 / total,
+            "count": total, "confusion": confusion}  # fmt: skip
 
 
 def evaluate_model(
@@ -60,20 +115,22 @@ def evaluate_model(
                       num_workers=workers_for(dataset, num_workers))  # fmt: skip
     confusion: torch.Tensor = result.pop("confusion")
     per_class = (100 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    out = out_dir or _default_out(source)
+    out = out_dir or default_eval_dir(source, pretrained)
     out.mkdir(parents=True, exist_ok=True)
-    png = out / f"confusion_{split}.png"
+    variant = f"{split}_ten_crop" if ten_crop else split  # a ten-crop eval does not replace a single-view one
+    png = out / f"confusion_{variant}.png"
     plot_confusion(confusion, bundle.classes, png)
-    with open(out / f"per_class_{split}.csv", "w", newline="") as f:
+    with open(out / f"per_class_{variant}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "images", "top1"])
         writer.writerows([c, int(n), f"{a:.2f}"] for c, n, a in zip(bundle.classes, confusion.sum(1), per_class))
     report = {
-        "model": str(source), "architecture": model.name, "data": bundle.name, "split": split, **result,
+        "model": str(source), "architecture": model.name, "data": bundle.name, "split": split,
+        "ten_crop": ten_crop, **result,
         "per_class": dict(zip(bundle.classes, per_class)), "confusion": confusion.tolist(),
         "confusion_png": str(png),
     }  # fmt: skip
-    (out / f"eval_{split}.json").write_text(json.dumps(report, indent=2))
+    (out / f"eval_{variant}.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -81,10 +138,10 @@ def _trained_with(source: str) -> dict[str, Any]:
     """The training config recorded with ``source``: a run or model folder's config.json, or the config
     inside a training checkpoint (a run folder without a model yet, or a ``.pt`` file)."""
     path = Path(source)
-    for candidate in (path / "model" / "config.json", path / "config.json"):
+    for candidate in (RunDir(path).model / "config.json", path / "config.json"):
         if candidate.is_file():
             return json.loads(candidate.read_text()).get("trained_with", {})
-    checkpoint = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    checkpoint = RunDir(path).last if path.is_dir() else path
     if checkpoint.is_file() and checkpoint.suffix == ".pt":
         try:
             return dict(load_checkpoint(checkpoint).get("config", {}))
@@ -93,9 +150,21 @@ def _trained_with(source: str) -> dict[str, Any]:
     return {}
 
 
-def _default_out(source: str) -> Path:
+def default_eval_dir(source: str, pretrained: str | None = None) -> Path:
+    """Where an eval of ``source`` writes, one folder per source so that no eval overwrites another's: a
+    folder's own ``eval/``; a run's checkpoint ``X/checkpoints/last.pt``: ``X/eval/last/``; another file:
+    ``runs/eval/<name>-<hash of its path>/``; a model name: ``runs/eval/<name>[-<weights tag>]/``."""
     path = Path(source)
-    return path / "eval" if path.is_dir() else Path("runs") / "eval" / path.stem
+    if path.is_dir():
+        return RunDir(path).eval
+    if path.is_file():
+        run = RunDir.of_checkpoint(path)
+        if path.parent == run.checkpoints and run.is_run():
+            return run.eval / path.stem
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+        return Path("runs") / "eval" / f"{path.stem}-{digest}"
+    tag = f"-{Path(str(pretrained)).stem}" if pretrained else ""
+    return Path("runs") / "eval" / f"{path.name}{tag}"
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
