@@ -12,7 +12,7 @@ from typing import Any
 
 from resnetlab.errors import ConfigError
 from resnetlab.studies.common import pyplot, study_data, study_dir, write_csv, write_report
-from resnetlab.train import load_recipe, train
+from resnetlab.train import RunDir, load_recipe, train
 
 
 def degradation_study(
@@ -50,7 +50,7 @@ def degradation_study(
             name = f"{family}{depth}"
             cfg = load_recipe(recipe, model=name, data=data, seed=seed, run_dir=str(folder / name), progress=False,
                               tensorboard=False, eval_every=eval_every, **overrides)  # fmt: skip
-            if resume and (folder / name / "checkpoints" / "last.pt").is_file():
+            if resume and RunDir(folder / name).last.is_file():
                 resumed.append(name)
             result = train(cfg, bundle=bundle)
             models[name], seconds[name] = str(result.model_dir), round(result.seconds, 1)

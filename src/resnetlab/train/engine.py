@@ -355,12 +355,36 @@ class TrainRun:
                  hooks: TrainHooks, log_every: int = 0) -> None:  # fmt: skip
         self.rundir, self.callbacks, self.hooks, self.log_every = rundir, callbacks, hooks, log_every
         self.cfg = cfg = dataclasses.replace(cfg, run_dir=str(rundir.path))
-        self.world = dist.world_size()
-        self.is_main = dist.rank() == 0
+        self.world, self.is_main = dist.world_size(), dist.rank() == 0
         self.plan = ExecutionPlan.resolve(device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
                                           compile=cfg.compile, compile_mode=cfg.compile_mode,
                                           local_rank=dist.local_rank())  # fmt: skip
-        self.device = device = self.plan.device
+        self.device = self.plan.device
+        self.logger = MetricsLogger(rundir, cfg, enabled=self.is_main, resume=state is not None)
+        self.logger.log_text(self.plan.describe())
+        self._seed()
+        self.bundle = self._data(bundle)
+        self.raw_model = self._model(state, model)
+        self.train_model, self.trains = self._wrap(), [p.requires_grad for p in self.raw_model.parameters()]
+        self._schedule()
+        self._position(state)
+        self.eval_model = self.ema.module if self.ema is not None else self.raw_model
+        self.eval_workers = workers_for(self.eval_set, cfg.num_workers)
+        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self.checkpoint_every = cfg.checkpoint_every or self.steps_per_epoch
+        self.mix = None
+        if cfg.mixup_alpha or cfg.cutmix_alpha:
+            self.mix = self.bundle.mixup_cutmix(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
+        self.running = self._fresh_running()
+        self.start_time, self.images_seen = time.perf_counter(), 0
+        self.throughput = Throughput()
+        epochs = f"{self.epochs} epoch{'s' if self.epochs > 1 else ''} of {self.steps_per_epoch} steps"
+        self.logger.log_text(f"run directory: {rundir.path}; {self.total_steps} steps ({epochs})")
+
+    # ------------------------------------------------------------------------------------ set-up
+    def _seed(self) -> None:
+        """Seed the global RNG (the model's initialisation draws from it) and pick the kernels' modes."""
+        cfg, device = self.cfg, self.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.manual_seed(cfg.seed)
@@ -370,12 +394,14 @@ class TrainRun:
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
-        self.logger = MetricsLogger(rundir, cfg, enabled=self.is_main, resume=state is not None)
-        self.logger.log_text(self.plan.describe())
 
+    def _data(self, bundle: DataBundle | None) -> DataBundle:
+        """The given bundle or ``cfg.data`` loaded (saying so when its first decode takes a while); the
+        split the run evaluates on: val when there is one, else test."""
+        cfg = self.cfg
         if bundle is None and (note := data_note(cfg.data)):
             self.logger.log_text(note)
-        self.bundle = bundle = bundle or build_data(
+        bundle = bundle or build_data(
             cfg.data, augment=cfg.augment, image_size=cfg.image_size, val_split=cfg.val_split, seed=cfg.seed,
             download=cfg.download, mean=cfg.mean, std=cfg.std, auto_augment=cfg.auto_augment,
             random_erasing=cfg.random_erasing,
@@ -385,28 +411,34 @@ class TrainRun:
                             "classifier needs at least 2; add a folder for each other class")  # fmt: skip
         self.has_val = bundle.val is not None
         self.eval_set, self.eval_split = (bundle.val, "val") if self.has_val else (bundle.test, "test")
-        if state is not None:  # the saved architecture; its weights come from the checkpoint, not cfg.pretrained
+        return bundle
+
+    def _model(self, state: dict[str, Any] | None, model: ResNet | None) -> ResNet:
+        """The network on its device and in its memory format: the checkpoint's architecture when resumed
+        (its weights are restored later), else ``model`` or ``cfg.model`` built for the data."""
+        if state is not None:
             raw = ResNet(ResNetConfig.from_dict(state["model_config"]), name=state["architecture"])
         else:
-            raw = model if model is not None else build_model(cfg, bundle)
-        depth = raw.config.depth
-        if cfg.sync_bn and self.world > 1:
+            raw = model if model is not None else build_model(self.cfg, self.bundle)
+        if self.cfg.sync_bn and self.world > 1:
             raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-        raw.to(device)
+        raw.to(self.device)
         if self.plan.channels_last:
             raw.to(memory_format=torch.channels_last)
-        self.raw_model: ResNet = raw
-        self.train_model = self._wrap()
-        self.trains = [p.requires_grad for p in raw.parameters()]
+        return raw
 
-        self.batches = TrainBatches(cfg, bundle, device, cfg.batch_size // self.world)
+    def _schedule(self) -> None:
+        """The batches, the run's length in steps, and the optimizer, lr schedule, AMP scaler and EMA."""
+        cfg, raw, device = self.cfg, self.raw_model, self.device
+        self.batches = TrainBatches(cfg, self.bundle, device, cfg.batch_size // self.world)
         self.steps_per_epoch = steps_per_epoch = len(self.batches)
         if steps_per_epoch == 0:
-            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(bundle.train)} training images")
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.bundle.train)} training "
+                              "images")  # fmt: skip
         self.total_steps = total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
         self.epochs = epoch_of(total_steps, steps_per_epoch)
-
-        self.optimizer = build_optimizer(cfg, hooks.parameter_groups(raw, cfg), device)
+        depth = raw.config.depth
+        self.optimizer = build_optimizer(cfg, self.hooks.parameter_groups(raw, cfg), device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch, depth)
         )
@@ -416,30 +448,20 @@ class TrainRun:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 raw, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
             )
+
+    def _position(self, state: dict[str, Any] | None) -> None:
+        """Where the run stands: the start, or everything the checkpoint ``state`` saved."""
         if self.is_main:
-            rundir.remove_stale_temporaries()
+            self.rundir.remove_stale_temporaries()
         self.step, self.epoch, self.batch_in_epoch, self.best = 0, 0, 0, -1.0
         self.history: list[dict[str, Any]] = []
         self.seconds_before, self.images_before = 0.0, 0  # of the sessions before a resume
         if state is not None:
             self._restore(state)
+        else:
+            self.logger.log_text(f"data: {self.bundle.summary()}")
         self.saved_step = self.step if state is not None else None  # the step last.pt holds
-        if state is None:
-            self.logger.log_text(f"data: {bundle.summary()}")
-        self.eval_model = self.ema.module if self.ema is not None else raw
-        self.eval_workers = workers_for(self.eval_set, cfg.num_workers)
-        self.eval_every = cfg.eval_every or steps_per_epoch
-        self.checkpoint_every = cfg.checkpoint_every or steps_per_epoch
-        self.mix = None
-        if cfg.mixup_alpha or cfg.cutmix_alpha:
-            self.mix = bundle.mixup_cutmix(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
-        self.running = self._fresh_running()
-        self.start_time, self.images_seen = time.perf_counter(), 0
-        self.throughput = Throughput()
-        epochs = f"{self.epochs} epoch{'s' if self.epochs > 1 else ''} of {steps_per_epoch} steps"
-        self.logger.log_text(f"run directory: {rundir.path}; {total_steps} steps ({epochs})")
 
-    # ------------------------------------------------------------------------------------ set-up
     def _wrap(self) -> nn.Module:
         """What the steps run: DDP around the model under torchrun (it registers the parameters that
         train: rebuilt when the hooks change them), compiled when asked."""
