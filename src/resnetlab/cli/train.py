@@ -175,7 +175,7 @@ def eval_command(args: argparse.Namespace) -> int:
     report = evaluate_model(
         args.model, data=args.data, split=args.split, pretrained=args.pretrained, batch_size=args.batch_size,
         device=args.device, ten_crop=args.ten_crop, num_workers=args.num_workers,
-        out_dir=Path(args.out) if args.out else None,
+        out_dir=Path(args.out) if args.out else None, progress=True,
     )  # fmt: skip
     if args.json:
         print_json(report)

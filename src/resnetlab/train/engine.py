@@ -613,9 +613,9 @@ class TrainRun:
                 self.checkpoint("best")
         progress.set_eval(result, self.eval_split)
 
-    def _evaluate(self, model: nn.Module, dataset: Any) -> dict[str, Any]:
+    def _evaluate(self, model: nn.Module, dataset: Any, progress: str | None = None) -> dict[str, Any]:
         return evaluate(model, dataset, self.device, amp_dtype=self.plan.amp_dtype, num_workers=self.eval_workers,
-                        num_classes=self.bundle.num_classes)  # fmt: skip
+                        num_classes=self.bundle.num_classes, progress=progress)  # fmt: skip
 
     def checkpoint(self, name: str) -> None:
         """Write ``checkpoints/<name>.pt`` (rank 0), atomically."""
@@ -659,8 +659,10 @@ class TrainRun:
             if self.has_val:
                 done = f"done: best val top-1 {self.best:.2f}% (the exported model), final {final:.2f}%"
                 if self.bundle.test is not None:  # selected on val: graded on the test set once
-                    self.logger.log_text(f"grading the exported model on the {len(self.bundle.test)} test images")
-                    test_accuracy = self._evaluate(exported.to(self.device), self.bundle.test)["top1"]
+                    text = f"grading the exported model on the {len(self.bundle.test)} test images"
+                    self.logger.log_text(text)
+                    test_accuracy = self._evaluate(exported.to(self.device), self.bundle.test,
+                                                   progress=text if self.cfg.progress else None)["top1"]  # fmt: skip
                     done += f"; on the test set: top-1 {test_accuracy:.2f}%"
             elif evals:
                 test_accuracy = final

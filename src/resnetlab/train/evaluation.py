@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from resnetlab.data import TensorImageDataset, build_data
 from resnetlab.errors import ConfigError, DataError, WeightsError
@@ -40,10 +42,12 @@ def evaluate(
     num_workers: int = 0,
     amp_dtype: torch.dtype | None = None,
     num_classes: int | None = None,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Loss, top-1 and top-5 accuracy and the confusion matrix of ``model`` on ``dataset``.
 
-    Ten-crop items ``(10, C, H, W)`` are averaged over their crops.
+    Ten-crop items ``(10, C, H, W)`` are averaged over their crops. ``progress``: a label for a progress
+    bar on stderr (a full test set takes a while on a CPU); None shows nothing.
     """
     was_training = model.training
     model.eval()
@@ -51,7 +55,8 @@ def evaluate(
     n_classes = num_classes or len(getattr(dataset, "classes", [])) or 0
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
-    for x, y in loader:
+    batches = tqdm(loader, desc=progress, disable=progress is None, leave=False, unit="batch", file=sys.stderr)
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         crops = x.shape[1] if x.ndim == 5 else 0
         if crops:
@@ -83,11 +88,13 @@ def evaluate_model(
     ten_crop: bool = False,
     num_workers: int = 2,
     out_dir: Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``source`` (see ``load_model``) on ``data`` (default: what it was trained on).
 
     ``ten_crop``: average the logits of the paper's ten crops (see ``eval_transform``). ``num_workers``:
-    DataLoader workers for datasets decoded per image.
+    DataLoader workers for datasets decoded per image. ``progress``: a progress bar on stderr. The reports
+    go to ``out_dir``, default ``default_eval_dir(source)``: one folder per source.
     """
     from resnetlab.export import ExportedModel, is_export
 
@@ -111,8 +118,9 @@ def evaluate_model(
         warnings.warn(f"class names differ from the model's: {bundle.classes[:5]}... vs "
                       f"{list(config.label_names)[:5]}...; accuracy assumes the same order", stacklevel=2)  # fmt: skip
     dev = resolve_device(device)
+    label = f"evaluating on {len(dataset)} {split} images" if progress else None
     result = evaluate(model.to(dev), dataset, dev, batch_size=batch_size, num_classes=bundle.num_classes,
-                      num_workers=workers_for(dataset, num_workers))  # fmt: skip
+                      num_workers=workers_for(dataset, num_workers), progress=label)  # fmt: skip
     confusion: torch.Tensor = result.pop("confusion")
     per_class = (100 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     out = out_dir or default_eval_dir(source, pretrained)
