@@ -25,9 +25,9 @@ from resnetlab.data import build_data
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.loading import load_model
 from resnetlab.train import TrainConfig, load_checkpoint, load_recipe, recipe_names, save_checkpoint, train
+from resnetlab.train.batches import TrainBatches
 from resnetlab.train.checkpoint import CheckpointError
 from resnetlab.train.engine import (
-    TrainBatches,
     TrainingDiverged,
     TrainingInterrupted,
     TrainResult,
@@ -35,6 +35,7 @@ from resnetlab.train.engine import (
     lr_factor,
     optimizer_kernels,
 )
+from resnetlab.train.execution import autocast_dtype
 
 TINY = {"stem_channels": 4, "widths": [4, 8, 8]}
 
@@ -95,14 +96,15 @@ def test_training_run_writes_everything(tmp_path) -> None:
 
 
 def test_a_val_split_selects_the_model_and_the_test_set_grades_it(tmp_path) -> None:
-    from resnetlab.train.engine import evaluate
+    from resnetlab.train.evaluation import evaluate
 
     result = train(tiny_config(tmp_path, val_split=200))
     assert result.test_accuracy is not None and result.summary()["test_accuracy"] == result.test_accuracy
     assert result.best_accuracy == max(h["eval_top1"] for h in result.history)  # chosen on the 200 val images
     bundle = build_data("digits", val_split=200, seed=tiny_config(tmp_path).seed)
     selected = load_model(result.model_dir)
-    expected = evaluate(selected, bundle.test, torch.device("cpu"), num_classes=10)["top1"]
+    cpu = torch.device("cpu")  # graded in the run's own precision (bf16 autocast where the CPU has it)
+    expected = evaluate(selected, bundle.test, cpu, num_classes=10, amp_dtype=autocast_dtype("auto", cpu))["top1"]
     assert result.test_accuracy == pytest.approx(expected)
     assert result.selected == "best-val" and (result.run_dir / "checkpoints" / "best.pt").is_file()
 
@@ -139,7 +141,7 @@ def test_eval_of_a_checkpoint_file_uses_the_data_recorded_in_it(tmp_path, monkey
 
 
 def test_evaluate_averages_the_logits_of_ten_crops() -> None:
-    from resnetlab.train.engine import evaluate, workers_for
+    from resnetlab.train.evaluation import evaluate, workers_for
 
     torch.manual_seed(0)
     model = load_model("resnet20", random_init=True, in_chans=1, num_classes=10, **TINY).eval()
@@ -318,18 +320,18 @@ def test_bf16_autocast_on_cpu(tmp_path) -> None:
     result = train(cfg, callbacks=[_watch("fc", seen), lambda info: losses.append(info.loss)])
     assert seen and all(out.dtype == torch.bfloat16 for _, out in seen)  # the matmuls ran in bf16
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # the weights stay fp32
-    reference, _ = _losses(tmp_path, "fp32", max_iters=4, eval_every=4)
+    reference, _ = _losses(tmp_path, "fp32", amp="off", max_iters=4, eval_every=4)
     assert losses != reference and losses == pytest.approx(reference, rel=0.05)  # bf16 rounding, same run
 
 
 def test_channels_last_gives_the_same_losses(tmp_path) -> None:
     seen: list = []
     losses: list[float] = []
-    cfg = tiny_config(tmp_path / "nhwc", channels_last=True, max_iters=6, eval_every=6)
+    cfg = tiny_config(tmp_path / "nhwc", channels_last=True, amp="off", max_iters=6, eval_every=6)
     result = train(cfg, callbacks=[_watch("layer1", seen), lambda info: losses.append(info.loss)])
     assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in seen)
     assert result.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    reference, _ = _losses(tmp_path, "nchw", max_iters=6, eval_every=6)
+    reference, _ = _losses(tmp_path, "nchw", channels_last=False, amp="off", max_iters=6, eval_every=6)
     assert_same_trajectory(losses, reference)
 
 

@@ -30,6 +30,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "grad_clip": (float, "clip the gradient norm (0: off)"),
     "label_smoothing": (float, "label smoothing"),
     "ema_decay": (float, "EMA of the weights (0: off)"),
+    "eval_every": (int, "steps between evaluations (default: once per epoch, and at the end)"),
 }
 
 
@@ -48,7 +49,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="fetch --data cifar10/cifar100 with torchvision when it is not cached (needs internet)",
     )
-    p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
+    p.add_argument(
+        "--channels-last",
+        nargs="?",
+        const="true",
+        choices=["auto", "true", "false"],
+        help="NHWC memory format (default auto: on where it is faster: CPU, and CUDA with amp)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also log train loss, lr and img/s every N steps between evaluations (metrics.csv, log, TensorBoard)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --run-dir (its checkpoints, model and metrics) instead of refusing",
+    )
     p.add_argument(
         "--compile",
         nargs="?",
@@ -99,7 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="average the paper's 10 crops (corners + center, and their mirrors; 5 when not flipped)",
     )
-    p.add_argument("--out", help="folder for confusion.png and per_class.csv (default: next to the model)")
+    p.add_argument("--out", help="folder for the confusion matrix, per_class.csv and eval.json (default: the run's "
+                   "eval/ folder, or runs/eval/<source>/)")  # fmt: skip
     add_json_flag(p)
     p.set_defaults(func=eval_command)
 
@@ -123,12 +143,15 @@ def train_command(args: argparse.Namespace) -> int:
     if args.resume:
         if args.recipe:
             raise ConfigError("--resume continues a run with its saved recipe; drop --recipe")
-        result = train(saved_config(args.resume).replace(**_overrides(args)), resume=args.resume)
+        if args.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces it; choose one")
+        result = train(saved_config(args.resume).replace(**_overrides(args)), resume=args.resume,
+                       log_every=args.log_every)  # fmt: skip
     else:
         cfg = load_recipe(args.recipe or "demo", **_overrides(args))
         if cfg.data is not None and not args.recipe and not cfg.pretrained and "model" not in _overrides(args):
             cfg = _model_for_data(cfg)
-        result = train(cfg)
+        result = train(cfg, overwrite=args.overwrite, log_every=args.log_every)
     if args.json:
         print_json(result.summary())
         return 0
@@ -137,6 +160,9 @@ def train_command(args: argparse.Namespace) -> int:
               f"after {result.steps} steps in {result.seconds:.1f} s")  # fmt: skip
         if result.test_accuracy is not None:
             print(f"the model selected on val, on the test set: top-1 {result.test_accuracy:.2f}%")
+    elif not result.evaluated:
+        print(f"final model after {result.steps} steps in {result.seconds:.1f} s: not evaluated (the data has no "
+              "test split; --val-split 0.1 holds out part of train to evaluate on)")  # fmt: skip
     else:
         print(f"final model: {'test' if result.test_accuracy is not None else 'eval'} top-1 "
               f"{result.final_accuracy:.2f}% after {result.steps} steps in {result.seconds:.1f} s (peak during "
@@ -164,7 +190,7 @@ def eval_command(args: argparse.Namespace) -> int:
     report = evaluate_model(
         args.model, data=args.data, split=args.split, **source_options(args), batch_size=args.batch_size,
         device=args.device, ten_crop=args.ten_crop, num_workers=args.num_workers,
-        out_dir=Path(args.out) if args.out else None,
+        out_dir=Path(args.out) if args.out else None, progress=True,
     )  # fmt: skip
     if args.json:
         print_json(report)
@@ -175,4 +201,5 @@ def eval_command(args: argparse.Namespace) -> int:
     for name, acc in report["per_class"].items():
         print(f"  {name:<{width}}  {acc:6.2f}%")
     print(f"confusion matrix: {report['confusion_png']}")
+    print(f"reports:          {Path(report['confusion_png']).parent}")
     return 0

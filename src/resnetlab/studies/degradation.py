@@ -15,7 +15,7 @@ from typing import Any
 from resnetlab.errors import ConfigError
 from resnetlab.studies.common import evaluation_split, study_data, study_dir, write_csv, write_report
 from resnetlab.studies.figures import data_caption, depth_colours, figure_legend, new_figure, save_figure
-from resnetlab.train import load_recipe, train
+from resnetlab.train import RunDir, load_recipe, train
 
 #: The paper's training budget for CIFAR-10 (He et al. 2015, section 4.2), in images seen.
 PAPER_IMAGES_SEEN = 64_000 * 128
@@ -54,7 +54,7 @@ def degradation_study(
             name = f"{family}{depth}"
             cfg = load_recipe(recipe, model=name, data=data, seed=seed, run_dir=str(folder / name), progress=False,
                               tensorboard=False, eval_every=eval_every, **overrides)  # fmt: skip
-            if resume and (folder / name / "checkpoints" / "last.pt").is_file():
+            if resume and RunDir(folder / name).last.is_file():
                 resumed.append(name)
             result = train(cfg, bundle=bundle)
             models[name], seconds[name] = str(result.model_dir), round(result.seconds, 1)

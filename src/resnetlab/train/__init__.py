@@ -8,11 +8,14 @@ from resnetlab.train.engine import (
     TrainingDiverged,
     TrainingInterrupted,
     TrainResult,
-    evaluate,
+    TrainRun,
     train,
 )
+from resnetlab.train.evaluation import evaluate
+from resnetlab.train.rundir import RunDir, RunDirBusy
 
 __all__ = [
-    "CheckpointError", "StepInfo", "TrainConfig", "TrainHooks", "TrainResult", "TrainingDiverged",
-    "TrainingInterrupted", "evaluate", "load_checkpoint", "load_recipe", "recipe_names", "save_checkpoint", "train",
+    "CheckpointError", "RunDir", "RunDirBusy", "StepInfo", "TrainConfig", "TrainHooks", "TrainResult", "TrainRun",
+    "TrainingDiverged", "TrainingInterrupted", "evaluate", "load_checkpoint", "load_recipe", "recipe_names",
+    "save_checkpoint", "train",
 ]  # fmt: skip

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -61,8 +61,8 @@ class TrainConfig:
     grad_clip: float = 0.0
     # Execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    channels_last: bool = False
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else off) | bf16 | fp16 | off
+    channels_last: Literal["auto"] | bool = "auto"  # auto: on where faster (CPU; CUDA with amp)
     compile: bool = False
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     optimizer_impl: str = "auto"  # auto (fused where the device has the kernels) | fused | foreach | loop
@@ -90,6 +90,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        self.channels_last = _auto_or_bool("channels_last", self.channels_last)
         for key in ("lr", "batch_size", "epochs"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
@@ -137,6 +138,15 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r} is not a valid {kind.split(' |')[0]}") from None
     return value
+
+
+def _auto_or_bool(key: str, value: Any) -> bool | Literal["auto"]:
+    """``auto``, or a boolean (YAML's and the command line's spellings of one)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    raise ConfigError(f"{key}={value!r} is not auto, true or false")
 
 
 #: Options a resumed run may change: how it runs and what it reports, not what it computes.

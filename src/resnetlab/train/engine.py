@@ -9,10 +9,11 @@ mode, with device-resident data or ``num_workers=0``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
-from resnetlab.data import DataBundle, TensorImageDataset, build_data
-from resnetlab.data.device import DeviceBatches, epoch_order
-from resnetlab.errors import ConfigError, ResNetLabError
+from resnetlab.data import DataBundle, build_data
+from resnetlab.data.cache import cache_file_for
+from resnetlab.errors import ConfigError, DataError, ResNetLabError
 from resnetlab.models import ResNet, ResNetConfig, create_model, save_pretrained
+from resnetlab.paths import cache_dir
 from resnetlab.train import distributed as dist
+from resnetlab.train.batches import TrainBatches
 from resnetlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from resnetlab.train.config import CUDA_GRAPH_MODES, TrainConfig, resume_config
-from resnetlab.train.metrics import MetricsLogger, accuracy_counts, plot_curves
+from resnetlab.train.evaluation import evaluate, workers_for
+from resnetlab.train.execution import ExecutionPlan, resolve_device
+from resnetlab.train.metrics import MetricsLogger, RunProgress, Throughput, epoch_of, plot_curves
 from resnetlab.train.params import parameter_groups
+from resnetlab.train.rundir import RunDir
 
 
 class TrainingDiverged(ResNetLabError):
@@ -73,31 +78,22 @@ class TrainResult:
     selected: str = "final"  # which weights model_dir holds: "best-val" (chosen on the val split) or "final"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def evaluated(self) -> bool:
+        """Whether the run had a split to evaluate on (else the accuracies are undefined: None in summary)."""
+        return math.isfinite(self.final_accuracy)
+
     def summary(self) -> dict[str, Any]:
+        best, final = (self.best_accuracy, self.final_accuracy) if self.evaluated else (None, None)
         return {
             "run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "steps": self.steps,
-            "epochs": self.epochs, "best_accuracy": self.best_accuracy, "final_accuracy": self.final_accuracy,
+            "epochs": self.epochs, "best_accuracy": best, "final_accuracy": final,
             "test_accuracy": self.test_accuracy, "selected": self.selected, "seconds": round(self.seconds, 2),
             "images_per_second": round(self.images_per_second, 1),
         }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA GPU is visible; use --device cpu")
-    return device
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    return torch.float16 if amp == "fp16" else torch.bfloat16
-
-
 def build_model(cfg: TrainConfig, bundle: DataBundle) -> ResNet:
     """The model for this data: its head, input channels and preprocessing follow the dataset."""
     size = bundle.image_size
@@ -210,118 +206,6 @@ def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: in
     return 1.0
 
 
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, sharded across ranks like DistributedSampler, that can start
-    part-way through an epoch (for exact resumption)."""
-
-    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def indices(self) -> list[int]:
-        return epoch_order(self.n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                           world_size=self.world_size).tolist()  # fmt: skip
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start :])
-
-    def __len__(self) -> int:
-        return len(self.indices()) - self.start
-
-
-class TrainBatches:
-    """The training split as batches: device-resident for in-memory datasets, a DataLoader otherwise."""
-
-    def __init__(self, cfg: TrainConfig, bundle: DataBundle, device: torch.device, per_rank_batch: int) -> None:
-        self.device = device
-        self.per_rank_batch = per_rank_batch
-        train = bundle.train
-        rank, world = dist.rank(), dist.world_size()
-        self.on_device = (
-            cfg.data_on_device and isinstance(train, TensorImageDataset) and bundle.augment in ("cifar", "none")
-            and not cfg.auto_augment and not cfg.random_erasing
-        )  # fmt: skip
-        if self.on_device:
-            self.batches = DeviceBatches(
-                train, per_rank_batch, mean=bundle.mean, std=bundle.std, device=device,
-                augment=bundle.augment == "cifar", shuffle=True, padding=bundle.image_size // 8,
-                hflip=bundle.hflip, drop_last=True, seed=cfg.seed, rank=rank, world_size=world,
-            )  # fmt: skip
-            return
-        self.sampler = EpochSampler(len(train), shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
-        # The loader's own generator seeds its workers, so creating it mid-epoch on resume draws nothing
-        # from the global RNG that the uninterrupted run would not have drawn.
-        self.generator, self.seed = torch.Generator(), cfg.seed
-        self.loader = DataLoader(
-            train, batch_size=per_rank_batch, sampler=self.sampler, drop_last=True,
-            num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=self.generator,
-        )  # fmt: skip
-
-    def __len__(self) -> int:
-        if self.on_device:
-            return len(self.batches)
-        return len(self.sampler.indices()) // self.per_rank_batch
-
-    def epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.on_device:
-            self.batches.set_epoch(epoch)
-            yield from self.batches.iter_from(start_batch)
-            return
-        self.sampler.epoch, self.sampler.start = epoch, start_batch * self.per_rank_batch
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def workers_for(dataset: Any, num_workers: int) -> int:
-    """DataLoader workers for evaluating ``dataset``: none for in-memory sets (starting workers costs more
-    than their transforms), ``num_workers`` for images decoded per item."""
-    return 0 if isinstance(dataset, TensorImageDataset) else num_workers
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset: Any,
-    device: torch.device,
-    *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    num_classes: int | None = None,
-) -> dict[str, Any]:
-    """Loss, top-1 and top-5 accuracy and the confusion matrix of ``model`` on ``dataset``.
-
-    Ten-crop items ``(10, C, H, W)`` are averaged over their crops.
-    """
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
-    n_classes = num_classes or len(getattr(dataset, "classes", [])) or 0
-    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    total, loss_sum, top1, top5 = 0, 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        crops = x.shape[1] if x.ndim == 5 else 0
-        if crops:
-            x = x.flatten(0, 1)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x).float()
-        if crops:
-            logits = logits.view(-1, crops, logits.shape[-1]).mean(1)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        c1, c5 = accuracy_counts(logits, y)
-        top1, top5, total = top1 + c1, top5 + c5, total + len(y)
-        if n_classes:
-            pairs = y.cpu() * n_classes + logits.argmax(1).cpu()
-            confusion += torch.bincount(pairs, minlength=n_classes**2).view(n_classes, n_classes)
-    model.train(was_training)
-    total = max(total, 1)
-    return {"loss": loss_sum / total, "top1": 100 * top1 / total, "top5": 100 * top5 / total,
-            "count": total, "confusion": confusion}  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------ the loop
 class _StopSignal:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint can be written."""
@@ -344,20 +228,11 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def new_run_dir(cfg: TrainConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = Path(cfg.data).name.split(".")[0] if cfg.data else "digits"
-    path, suffix = Path(cfg.runs_root) / f"{stamp}-{cfg.model}-{data}", 1
-    while path.exists():
-        suffix += 1
-        path = Path(cfg.runs_root) / f"{stamp}-{cfg.model}-{data}-{suffix}"
-    return path
-
-
 def find_checkpoint(run_dir_or_file: str | Path) -> Path:
+    """The checkpoint to resume: a run folder's ``last.pt``, or the checkpoint file given."""
     path = Path(run_dir_or_file)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = RunDir(path).last
     if not path.is_file():
         raise ConfigError(f"nothing to resume: {path} does not exist")
     return path
@@ -368,13 +243,44 @@ def auto_resume_target(cfg: TrainConfig | None) -> Path | None:
     if cfg is None or not cfg.auto_resume or not cfg.run_dir:
         return None
     path = Path(cfg.run_dir)
-    return path if (path / "checkpoints" / "last.pt").is_file() else None
+    return path if RunDir(path).last.is_file() else None
 
 
 def saved_config(run_dir_or_checkpoint: str | Path) -> TrainConfig:
     """The config of a saved run (to change its ``RESUME_SAFE`` options before resuming it)."""
     path = find_checkpoint(run_dir_or_checkpoint)
-    return resume_config(load_checkpoint(path)["config"], None, path.parent.parent)
+    return resume_config(load_checkpoint(path)["config"], None, RunDir.of_checkpoint(path).path)
+
+
+def data_note(data: str | None) -> str | None:
+    """What the first load of a small-image archive does, said before it starts: it is decoded once into
+    the dataset cache (CIFAR-10: about 17 s on 2 cores), where later runs read it in a second. None when
+    the cache already holds it, or for other sources (the bundled digits, folders, named sets)."""
+    if not data or not Path(data).expanduser().is_file():
+        return None
+    path = Path(data).expanduser()
+    if cache_file_for(path, tag="mode=RGB").is_file():  # the tag build_data gives RGB images
+        return None
+    return (f"reading {data}: the first time, small images are decoded once into the dataset cache "
+            f"{cache_dir() / 'datasets'} (CIFAR-10: about 20 s); later runs read the cache in a second")  # fmt: skip
+
+
+def check_runnable(cfg: TrainConfig, *, fresh: bool) -> None:
+    """Refuse the combinations that cannot run, before anything is built or written."""
+    device, world = resolve_device(cfg.device, dist.local_rank()), dist.world_size()
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError("SyncBatchNorm needs CUDA GPUs; on CPU use --set model_options={norm_layer: groupnorm}")
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(f"compile_mode=reduce-overhead records CUDA graphs, which need a CUDA device (this run is "
+                          f"on {device.type}); use --compile (default mode) here")  # fmt: skip
+    if fresh and cfg.recipe == "finetune" and not cfg.pretrained:
+        raise ConfigError(
+            "the finetune recipe starts from pretrained weights: pass --pretrained (a weights tag such as "
+            "tv_in1k, a weights file or a model folder), or use `resnetlab finetune --from SOURCE` (which also "
+            "takes 'none' for the from-scratch baseline)"
+        )
 
 
 def train(
@@ -385,6 +291,8 @@ def train(
     bundle: DataBundle | None = None,
     model: ResNet | None = None,
     hooks: TrainHooks | None = None,
+    overwrite: bool = False,
+    log_every: int = 0,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; see ``TrainConfig`` for every option.
 
@@ -394,285 +302,391 @@ def train(
     ``bundle`` skips ``build_data`` (tests and studies). ``model``: a network to train instead of building
     ``cfg.model`` (fine-tuning's pretrained net with a new head; a resumed run rebuilds it from the
     checkpoint). ``hooks``: what trains at which lr as the run goes (``TrainHooks``).
+
+    A new run refuses a ``cfg.run_dir`` that holds another run, unless ``overwrite`` (which removes that
+    run's outputs) or ``cfg.auto_resume``; the folder is locked while the run writes it. ``log_every``:
+    also log the training loss, lr and img/s every this many steps between evaluations (0: at evaluations).
     """
+    if log_every < 0:
+        raise ConfigError(f"log_every must be 0 (off) or a number of steps, got {log_every}")
     hooks = hooks or TrainHooks()
-    state: dict[str, Any] | None = None
     resume = resume if resume is not None else auto_resume_target(cfg)
     if resume is not None:
         checkpoint_path = find_checkpoint(resume)
-        state = load_checkpoint(checkpoint_path)
-        cfg = resume_config(state["config"], cfg, checkpoint_path.parent.parent)
-        hooks.load_state_dict(state.get("hooks", {}))
+        rundir = RunDir.of_checkpoint(checkpoint_path)
         if model is not None:
             raise ConfigError("a resumed run rebuilds its model from the checkpoint; do not pass model=")
     elif cfg is None:
         raise ConfigError("train() needs a TrainConfig, or resume= naming a run to continue")
+    else:
+        check_runnable(cfg, fresh=model is None)
+        rundir = RunDir(Path(cfg.run_dir)) if cfg.run_dir else RunDir.new(cfg.runs_root, cfg.model, cfg.data)
     dist.setup()
-    try:
-        return _train(cfg, state, callbacks or [], bundle, model, hooks)
+    try:  # only rank 0 writes the folder, so only it locks and claims it
+        with rundir.lock() if dist.rank() == 0 else contextlib.nullcontext():
+            state: dict[str, Any] | None = None
+            if resume is not None:
+                state = load_checkpoint(checkpoint_path)
+                cfg = resume_config(state["config"], cfg, rundir.path)
+                check_runnable(cfg, fresh=False)
+                hooks.load_state_dict(state.get("hooks", {}))
+            elif dist.rank() == 0:
+                assert cfg is not None
+                rundir.claim(overwrite=overwrite or cfg.auto_resume)  # auto_resume: the folder is this run's
+            assert cfg is not None
+            run = TrainRun(cfg, rundir, state=state, callbacks=callbacks or [], bundle=bundle, model=model,
+                           hooks=hooks, log_every=log_every)  # fmt: skip
+            return run.run()
     finally:
         dist.teardown()
 
 
-def _train(
-    cfg: TrainConfig, state: dict[str, Any] | None, callbacks: list[Callable[[StepInfo], None]],
-    bundle: DataBundle | None, given_model: ResNet | None, hooks: TrainHooks,
-) -> TrainResult:  # fmt: skip
-    rank, world = dist.rank(), dist.world_size()
-    is_main = rank == 0
-    device = resolve_device(cfg.device, dist.local_rank())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise ConfigError("SyncBatchNorm needs CUDA GPUs; on CPU use --set model_options={norm_layer: groupnorm}")
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
-    if cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type != "cuda":
-        raise ConfigError(f"compile_mode=reduce-overhead records CUDA graphs, which need a CUDA device (this run "
-                          f"is on {device.type}); use --compile (default mode) here")  # fmt: skip
-    if state is None and given_model is None and cfg.recipe == "finetune" and not cfg.pretrained:
-        raise ConfigError(
-            "the finetune recipe starts from pretrained weights: pass --pretrained (a weights tag such as "
-            "tv_in1k, a weights file or a model folder), or use `resnetlab finetune --from SOURCE` (which also "
-            "takes 'none' for the from-scratch baseline)"
+class TrainRun:
+    """One training run, from its config (and, resumed, its checkpoint) to the kept model.
+
+    The constructor sets it up (execution path, data, model, optimizer, schedule, restored state);
+    ``run`` walks the batches calling ``step`` on each, ``evaluate`` and ``checkpoint`` on their
+    schedules, then ``finish`` exports the model. The loop's state (step, epoch, position, best, history)
+    lives on the object, which everything reads; the caller's config is never changed.
+    """
+
+    def __init__(self, cfg: TrainConfig, rundir: RunDir, *, state: dict[str, Any] | None,
+                 callbacks: list[Callable[[StepInfo], None]], bundle: DataBundle | None, model: ResNet | None,
+                 hooks: TrainHooks, log_every: int = 0) -> None:  # fmt: skip
+        self.rundir, self.callbacks, self.hooks, self.log_every = rundir, callbacks, hooks, log_every
+        self.cfg = cfg = dataclasses.replace(cfg, run_dir=str(rundir.path))
+        self.world, self.is_main = dist.world_size(), dist.rank() == 0
+        self.plan = ExecutionPlan.resolve(device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
+                                          compile=cfg.compile, compile_mode=cfg.compile_mode,
+                                          local_rank=dist.local_rank())  # fmt: skip
+        self.device = self.plan.device
+        self.logger = MetricsLogger(rundir, cfg, enabled=self.is_main, resume=state is not None)
+        self.logger.log_text(self.plan.describe())
+        self._seed()
+        self.bundle = self._data(bundle)
+        self.raw_model = self._model(state, model)
+        self.train_model, self.trains = self._wrap(), [p.requires_grad for p in self.raw_model.parameters()]
+        self._schedule()
+        self._position(state)
+        self.eval_model = self.ema.module if self.ema is not None else self.raw_model
+        self.eval_workers = workers_for(self.eval_set, cfg.num_workers)
+        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self.checkpoint_every = cfg.checkpoint_every or self.steps_per_epoch
+        self.mix = None
+        if cfg.mixup_alpha or cfg.cutmix_alpha:
+            self.mix = self.bundle.mixup_cutmix(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
+        self.running = self._fresh_running()
+        self.start_time, self.images_seen = time.perf_counter(), 0
+        self.throughput = Throughput()
+        epochs = f"{self.epochs} epoch{'s' if self.epochs > 1 else ''} of {self.steps_per_epoch} steps"
+        self.logger.log_text(f"run directory: {rundir.path}; {self.total_steps} steps ({epochs})")
+
+    # ------------------------------------------------------------------------------------ set-up
+    def _seed(self) -> None:
+        """Seed the global RNG (the model's initialisation draws from it) and pick the kernels' modes."""
+        cfg, device = self.cfg, self.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.cuda_graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
+
+    def _data(self, bundle: DataBundle | None) -> DataBundle:
+        """The given bundle or ``cfg.data`` loaded (saying so when its first decode takes a while); the
+        split the run evaluates on: val when there is one, else test."""
+        cfg = self.cfg
+        if bundle is None and (note := data_note(cfg.data)):
+            self.logger.log_text(note)
+        bundle = bundle or build_data(
+            cfg.data, augment=cfg.augment, image_size=cfg.image_size, val_split=cfg.val_split, seed=cfg.seed,
+            download=cfg.download, mean=cfg.mean, std=cfg.std, auto_augment=cfg.auto_augment,
+            random_erasing=cfg.random_erasing,
+        )  # fmt: skip
+        if bundle.num_classes < 2:
+            raise DataError(f"{bundle.name} has {bundle.num_classes} class ({', '.join(bundle.classes)}): a "
+                            "classifier needs at least 2; add a folder for each other class")  # fmt: skip
+        self.has_val = bundle.val is not None
+        self.eval_set, self.eval_split = (bundle.val, "val") if self.has_val else (bundle.test, "test")
+        return bundle
+
+    def _model(self, state: dict[str, Any] | None, model: ResNet | None) -> ResNet:
+        """The network on its device and in its memory format: the checkpoint's architecture when resumed
+        (its weights are restored later), else ``model`` or ``cfg.model`` built for the data."""
+        if state is not None:
+            raw = ResNet(ResNetConfig.from_dict(state["model_config"]), name=state["architecture"])
+        else:
+            raw = model if model is not None else build_model(self.cfg, self.bundle)
+        if self.cfg.sync_bn and self.world > 1:
+            raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        raw.to(self.device)
+        if self.plan.channels_last:
+            raw.to(memory_format=torch.channels_last)
+        return raw
+
+    def _schedule(self) -> None:
+        """The batches, the run's length in steps, and the optimizer, lr schedule, AMP scaler and EMA."""
+        cfg, raw, device = self.cfg, self.raw_model, self.device
+        self.batches = TrainBatches(cfg, self.bundle, device, cfg.batch_size // self.world)
+        self.steps_per_epoch = steps_per_epoch = len(self.batches)
+        if steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.bundle.train)} training "
+                              "images")  # fmt: skip
+        self.total_steps = total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
+        self.epochs = epoch_of(total_steps, steps_per_epoch)
+        depth = raw.config.depth
+        self.optimizer = build_optimizer(cfg, self.hooks.parameter_groups(raw, cfg), device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch, depth)
         )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.plan.amp_dtype == torch.float16)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                raw, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+            )
 
-    bundle = bundle or build_data(
-        cfg.data, augment=cfg.augment, image_size=cfg.image_size, val_split=cfg.val_split, seed=cfg.seed,
-        download=cfg.download, mean=cfg.mean, std=cfg.std, auto_augment=cfg.auto_augment,
-        random_erasing=cfg.random_erasing,
-    )  # fmt: skip
-    has_val = bundle.val is not None
-    eval_set = bundle.val if has_val else bundle.test
-    if state is not None:  # the saved architecture; its weights come from the checkpoint, not cfg.pretrained
-        model = ResNet(ResNetConfig.from_dict(state["model_config"]), name=state["architecture"])
-    else:
-        model = given_model if given_model is not None else build_model(cfg, bundle)
-    depth = model.config.depth
-    if cfg.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    raw_model = model
+    def _position(self, state: dict[str, Any] | None) -> None:
+        """Where the run stands: the start, or everything the checkpoint ``state`` saved."""
+        if self.is_main:
+            self.rundir.remove_stale_temporaries()
+        self.step, self.epoch, self.batch_in_epoch, self.best = 0, 0, 0, -1.0
+        self.history: list[dict[str, Any]] = []
+        self.seconds_before, self.images_before = 0.0, 0  # of the sessions before a resume
+        if state is not None:
+            self._restore(state)
+        else:
+            self.logger.log_text(f"data: {self.bundle.summary()}")
+        self.saved_step = self.step if state is not None else None  # the step last.pt holds
 
-    def wrap(model: ResNet) -> nn.Module:
+    def _wrap(self) -> nn.Module:
         """What the steps run: DDP around the model under torchrun (it registers the parameters that
         train: rebuilt when the hooks change them), compiled when asked."""
-        wrapped: nn.Module = model
-        if world > 1:
-            ids = [device] if device.type == "cuda" else None
-            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if not cfg.compile:
+        wrapped: nn.Module = self.raw_model
+        if self.world > 1:
+            ids = [self.device] if self.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
+        if not self.cfg.compile:
             return wrapped
-        return torch.compile(wrapped, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        return torch.compile(wrapped, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
 
-    train_model, trains = wrap(raw_model), [p.requires_grad for p in raw_model.parameters()]
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best, self.history = state["best"], list(state["history"])
+        self.seconds_before, self.images_before = float(state.get("seconds", 0.0)), int(state.get("images_seen", 0))
+        set_rng_state(state["rng"])
 
-    def enter_train_mode() -> dict[str, Any]:
-        nonlocal train_model, trains
-        info = hooks.train_mode(raw_model, epoch)
-        now = [p.requires_grad for p in raw_model.parameters()]
-        if now != trains:
-            prime_momentum(optimizer)
-            if world > 1:
-                train_model = wrap(raw_model)
-        trains = now
+    @staticmethod
+    def _fresh_running() -> dict[str, Any]:
+        return {"loss": 0.0, "correct": 0, "count": 0}
+
+    def enter_train_mode(self) -> dict[str, Any]:
+        """The hooks' training mode for this epoch; when they changed what trains, prime the momentum of
+        the newly trained parameters and (under torchrun) rewrap the model."""
+        info = self.hooks.train_mode(self.raw_model, self.epoch)
+        now = [p.requires_grad for p in self.raw_model.parameters()]
+        if now != self.trains:
+            prime_momentum(self.optimizer)
+            if self.world > 1:
+                self.train_model = self._wrap()
+        self.trains = now
         return info
 
-    batches = TrainBatches(cfg, bundle, device, cfg.batch_size // world)
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(bundle.train)} training images")
-    total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    # ------------------------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        """Train to ``total_steps``; SIGINT/SIGTERM save a checkpoint and raise ``TrainingInterrupted``."""
+        progress = RunProgress(self.step, self.total_steps, self.steps_per_epoch, self.cfg.progress and self.is_main)
+        try:
+            with _StopSignal() as stop:
+                while self.step < self.total_steps:
+                    self.train_epoch(progress, stop)
+                    dist.barrier()
+        finally:
+            progress.close()
+        return self.finish()
 
-    optimizer = build_optimizer(cfg, hooks.parameter_groups(raw_model, cfg), device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch, depth)
-    )
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = None
-    if cfg.ema_decay > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            raw_model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+    def train_epoch(self, progress: RunProgress, stop: _StopSignal) -> None:
+        """The rest of the current epoch (or of the run, when it ends first)."""
+        plan = self.enter_train_mode()
+        for x, y in self.batches.epoch(self.epoch, self.batch_in_epoch):
+            loss, lr = self.step_on(x, y)
+            progress.update(self.step, loss, self.running, lr, self.throughput.rate())
+            epoch_done = self.batch_in_epoch == self.steps_per_epoch
+            if epoch_done:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            finished = self.step >= self.total_steps
+            if self.step % self.eval_every == 0 or finished:
+                with self.throughput.paused():
+                    self.evaluate(plan, lr, progress)
+            elif self.log_every and self.step % self.log_every == 0:
+                self.history.append(self._record(lr, None))
+            if self.step % self.checkpoint_every == 0 or finished or epoch_done:
+                with self.throughput.paused():
+                    self.checkpoint("last")
+            if stop.received is not None:
+                self.checkpoint("last")
+                raise TrainingInterrupted(
+                    f"stopped by signal {stop.received} at step {self.step}; checkpoint saved. Resume with: "
+                    f"resnetlab train --resume {self.rundir.path}"
+                )
+            if finished or epoch_done:
+                break
+
+    def step_on(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step on the batch ``(x, y)``; returns its loss and the lr it used."""
+        cfg, plan = self.cfg, self.plan
+        if self.cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        if plan.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        targets = y
+        if self.mix is not None:
+            x, targets = self.mix(x, y)
+        autocast = torch.autocast(
+            self.device.type, dtype=plan.amp_dtype or torch.float32, enabled=plan.amp_dtype is not None
         )
+        with autocast:
+            logits = self.train_model(x)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise self._diverged(loss.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.raw_model)
+        self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+        self.images_seen += len(x) * self.world
+        self.throughput.add(len(x) * self.world)
+        loss_value = loss.item()
+        self.running["loss"] += loss_value * len(y)
+        self.running["correct"] += int((logits.argmax(1) == y).sum())
+        self.running["count"] += len(y)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for callback in self.callbacks:
+            callback(StepInfo(self.step, self.epoch, loss_value, lr, self.raw_model, self.total_steps))
+        return loss_value, lr
 
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir(cfg)
-    cfg.run_dir = str(run_dir)
-    last_path = run_dir / "checkpoints" / "last.pt"
-    if is_main:  # temporary files of checkpoint writes that a killed run left behind
-        for stale in (run_dir / "checkpoints").glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
-    step, epoch, batch_in_epoch, best, history = 0, 0, 0, -1.0, []
-    seconds_before, images_before = 0.0, 0  # of the sessions before a resume
-    if state is not None:
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best, history = state["best"], list(state["history"])
-        seconds_before, images_before = float(state.get("seconds", 0.0)), int(state.get("images_seen", 0))
-        set_rng_state(state["rng"])
-    saved_step = step if state is not None else None  # the step last.pt holds
-    logger = MetricsLogger(run_dir, cfg, enabled=is_main, resume=state is not None)
-    if state is None:
-        logger.log_text(f"data: {bundle.summary()}")
-    start_time, images_seen = time.perf_counter(), 0
+    def _diverged(self, loss: float) -> TrainingDiverged:
+        if self.saved_step is not None:
+            kept = f"The last good checkpoint is {self.rundir.last} (step {self.saved_step})."
+        else:
+            first = min(self.checkpoint_every, self.steps_per_epoch, self.total_steps)
+            kept = f"No checkpoint was written yet (the first was due at step {first}), so there is nothing to resume."
+        return TrainingDiverged(f"the loss became {loss} at step {self.step} (epoch {self.epoch}); stopped. {kept} "
+                                "Try a lower --lr, --grad-clip, or --amp off")  # fmt: skip
 
-    def checkpoint_state() -> dict[str, Any]:
+    def _record(self, lr: float, result: dict[str, Any] | None) -> dict[str, Any]:
+        """A metrics row of the training since the previous row (and ``result``); starts a new interval."""
+        row = self.logger.record(self.step, epoch_of(self.step, self.steps_per_epoch), lr, self.running, result,
+                                 self.throughput.rate(), total_steps=self.total_steps, epochs=self.epochs,
+                                 split=self.eval_split)  # fmt: skip
+        self.running = self._fresh_running()
+        self.throughput.reset()
+        return row
+
+    def evaluate(self, plan: dict[str, Any], lr: float, progress: RunProgress) -> None:
+        """Evaluate on val (else test), record the row, and keep ``best.pt`` when choosing on val."""
+        result = None
+        if self.is_main and self.eval_set is not None:
+            progress.note(f"evaluating on {len(self.eval_set)} {self.eval_split} images")
+            result = self._evaluate(self.eval_model, self.eval_set)
+        self.history.append({**self._record(lr, result), **plan})
+        self.enter_train_mode()  # evaluate() left every module in train mode
+        if result is not None and result["top1"] > self.best:
+            self.best = result["top1"]
+            if self.has_val:  # choosing on the test set would be tuning on it: no best.pt then
+                self.checkpoint("best")
+        progress.set_eval(result, self.eval_split)
+
+    def _evaluate(self, model: nn.Module, dataset: Any, progress: str | None = None) -> dict[str, Any]:
+        return evaluate(model, dataset, self.device, amp_dtype=self.plan.amp_dtype, num_workers=self.eval_workers,
+                        num_classes=self.bundle.num_classes, progress=progress)  # fmt: skip
+
+    def checkpoint(self, name: str) -> None:
+        """Write ``checkpoints/<name>.pt`` (rank 0), atomically."""
+        if self.is_main:
+            save_checkpoint(self.rundir.checkpoint(name), self.state_dict())
+        if name == "last":
+            self.saved_step = self.step
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit-identically."""
         return {
-            "config": cfg.to_dict(), "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "best": best, "history": history, "rng": rng_state(),
-            "model_config": raw_model.config.to_dict(), "architecture": raw_model.name,
-            "seconds": seconds_before + time.perf_counter() - start_time, "images_seen": images_before + images_seen,
-            "hooks": hooks.state_dict(),
+            "config": self.cfg.to_dict(), "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "best": self.best,
+            "history": self.history, "rng": rng_state(), "model_config": self.raw_model.config.to_dict(),
+            "architecture": self.raw_model.name, "seconds": self.seconds(), "images_seen": self.images_total(),
+            "hooks": self.hooks.state_dict(),
         }  # fmt: skip
 
-    def save(name: str) -> None:
-        nonlocal saved_step
-        if is_main:
-            save_checkpoint(run_dir / "checkpoints" / name, checkpoint_state())
-        if name == "last.pt":
-            saved_step = step
+    def seconds(self) -> float:
+        """Wall time of the run, over all its sessions."""
+        return self.seconds_before + time.perf_counter() - self.start_time
 
-    eval_model = ema.module if ema is not None else raw_model
-    eval_workers = workers_for(eval_set, cfg.num_workers)
-    eval_every = cfg.eval_every or steps_per_epoch
-    checkpoint_every = cfg.checkpoint_every or steps_per_epoch
-    mix = None
-    if cfg.mixup_alpha or cfg.cutmix_alpha:
-        mix = bundle.mixup_cutmix(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
-    running = {"loss": 0.0, "correct": 0, "count": 0}
-    logger.log_text(f"run directory: {run_dir}; {total_steps} steps, {steps_per_epoch} per epoch, device {device}")
+    def images_total(self) -> int:
+        return self.images_before + self.images_seen
 
-    with _StopSignal() as stop:
-        while step < total_steps:
-            progress = logger.progress(epoch, epochs, steps_per_epoch, batch_in_epoch, cfg.progress and is_main)
-            plan = enter_train_mode()
-            for x, y in batches.epoch(epoch, batch_in_epoch):
-                if cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
-                    torch.compiler.cudagraph_mark_step_begin()
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                targets = y
-                if mix is not None:
-                    x, targets = mix(x, y)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    progress.close()
-                    if saved_step is not None:
-                        kept = f"The last good checkpoint is {last_path} (step {saved_step})."
-                    else:
-                        kept = (f"No checkpoint was written yet (the first was due at step "
-                                f"{min(checkpoint_every, steps_per_epoch, total_steps)}), so there is nothing to "
-                                "resume.")  # fmt: skip
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); stopped. {kept} Try a "
-                        "lower --lr, --grad-clip, or --amp off"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(raw_model)
-                step, batch_in_epoch = step + 1, batch_in_epoch + 1
-                images_seen += len(x) * world
-                loss_value = loss.item()
-                running["loss"] += loss_value * len(y)
-                running["correct"] += int((logits.argmax(1) == y).sum())
-                running["count"] += len(y)
-                lr = optimizer.param_groups[0]["lr"]
-                speed = images_seen / (time.perf_counter() - start_time)
-                progress.update(loss_value, running, lr, speed)
-                for callback in callbacks:
-                    callback(StepInfo(step, epoch, loss_value, lr, raw_model, total_steps))
-                epoch_done = batch_in_epoch == steps_per_epoch
-                if epoch_done:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                finished = step >= total_steps
-                if step % eval_every == 0 or finished:
-                    result = None
-                    if is_main and eval_set is not None:
-                        result = evaluate(eval_model, eval_set, device, amp_dtype=amp_dtype, num_workers=eval_workers,
-                                          num_classes=bundle.num_classes)  # fmt: skip
-                    history.append({**logger.record(step, epoch, lr, running, result, speed), **plan})
-                    running = {"loss": 0.0, "correct": 0, "count": 0}
-                    enter_train_mode()  # evaluate() left every module in train mode
-                    if result is not None and result["top1"] > best:
-                        best = result["top1"]
-                        if has_val:  # choosing on the test set would be tuning on it: no best.pt then
-                            save("best.pt")
-                    progress.set_eval(result)
-                if step % checkpoint_every == 0 or finished or epoch_done:
-                    save("last.pt")
-                if stop.received is not None:
-                    save("last.pt")
-                    progress.close()
-                    raise TrainingInterrupted(
-                        f"stopped by signal {stop.received} at step {step}; checkpoint saved. Resume with: "
-                        f"resnetlab train --resume {run_dir}"
-                    )
-                if finished or epoch_done:
-                    break
-            progress.close()
-            dist.barrier()
-
-    seconds = seconds_before + time.perf_counter() - start_time
-    images_total = images_before + images_seen
-    model_dir = run_dir / "model"
-    final = history[-1].get("eval_top1", float("nan")) if history else float("nan")
-    test_accuracy, selected = None, "best-val" if has_val else "final"
-    if is_main:
-        exported = export_model(cfg, run_dir, model_dir, checkpoint_state(), use_ema=ema is not None,
-                                from_best=has_val, best=best, extra=hooks.export_extra())  # fmt: skip
-        plot_curves(history, run_dir / "curves.png")
-        if has_val:
-            done = f"done: best val top-1 {best:.2f}% (the exported model), final {final:.2f}%"
-            if bundle.test is not None:  # selected on val: graded on the test set once
-                test_accuracy = evaluate(exported.to(device), bundle.test, device, amp_dtype=amp_dtype,
-                                         num_workers=eval_workers, num_classes=bundle.num_classes)["top1"]  # fmt: skip
-                done += f"; on the test set: top-1 {test_accuracy:.2f}%"
-        else:
-            test_accuracy = final if bundle.test is not None else None
-            done = (f"done: test top-1 of the final model {final:.2f}% (the exported model; peak during training "
-                    f"{best:.2f}%, not used to choose: that would tune on the test set)")  # fmt: skip
-        logger.log_text(f"{done}; model saved to {model_dir}")
-    logger.close()
-    return TrainResult(run_dir, raw_model, step, epoch, history, best, final, model_dir, seconds,
-                       images_total / max(seconds, 1e-9), test_accuracy, selected)  # fmt: skip
+    # ------------------------------------------------------------------------------------ the end
+    def finish(self) -> TrainResult:
+        """Export the kept model, draw the curves, grade on the test set once (when chosen on val)."""
+        seconds = self.seconds()
+        evals = [h for h in self.history if "eval_top1" in h]
+        final = evals[-1]["eval_top1"] if evals else float("nan")
+        test_accuracy, selected = None, "best-val" if self.has_val else "final"
+        if self.is_main:
+            exported = save_run_model(self.cfg, self.rundir, self.state_dict(), use_ema=self.ema is not None,
+                                      from_best=self.has_val, best=self.best,
+                                      extra=self.hooks.export_extra())  # fmt: skip
+            title = f"{self.raw_model.name} on {self.bundle.name}: {self.eval_split} split"
+            plot_curves(self.history, self.rundir.curves, title=title, split=self.eval_split)
+            if self.has_val:
+                done = f"done: best val top-1 {self.best:.2f}% (the exported model), final {final:.2f}%"
+                if self.bundle.test is not None:  # selected on val: graded on the test set once
+                    text = f"grading the exported model on the {len(self.bundle.test)} test images"
+                    self.logger.log_text(text)
+                    test_accuracy = self._evaluate(exported.to(self.device), self.bundle.test,
+                                                   progress=text if self.cfg.progress else None)["top1"]  # fmt: skip
+                    done += f"; on the test set: top-1 {test_accuracy:.2f}%"
+            elif evals:
+                test_accuracy = final
+                done = (f"done: test top-1 of the final model {final:.2f}% (the exported model; peak during "
+                        f"training {self.best:.2f}%, not used to choose: that would tune on the test set)")  # fmt: skip
+            else:
+                done = (f"done: {self.bundle.name} has no test split and no val split, so the model was not "
+                        "evaluated; hold out part of train with --val-split 0.1")  # fmt: skip
+            self.logger.log_text(f"{done}; model saved to {self.rundir.model}")
+        self.logger.close()
+        return TrainResult(self.rundir.path, self.raw_model, self.step, self.epoch, self.history, self.best, final,
+                           self.rundir.model, seconds, self.images_total() / max(seconds, 1e-9), test_accuracy,
+                           selected)  # fmt: skip
 
 
-def export_model(cfg: TrainConfig, run_dir: Path, model_dir: Path, current: dict[str, Any], *, use_ema: bool,
-                 from_best: bool, best: float, extra: dict[str, Any] | None = None) -> ResNet:  # fmt: skip
-    """Save the run's model as a ``save_pretrained`` folder and return it: the best checkpoint's weights
-    (``from_best``: chosen on a val split) or the current ones, EMA weights when kept."""
-    best_path = run_dir / "checkpoints" / "best.pt"
-    source = load_checkpoint(best_path) if from_best and best_path.is_file() else current
+def save_run_model(cfg: TrainConfig, rundir: RunDir, current: dict[str, Any], *, use_ema: bool, from_best: bool,
+                   best: float, extra: dict[str, Any] | None = None) -> ResNet:  # fmt: skip
+    """Save the run's kept model as a ``save_pretrained`` folder (``rundir.model``) and return it: the best
+    checkpoint's weights (``from_best``: chosen on a val split) or the current ones, EMA weights when kept."""
+    source = load_checkpoint(rundir.best) if from_best and rundir.best.is_file() else current
     weights = source["model"]
     if use_ema and source.get("ema"):
         weights = {k.removeprefix("module."): v for k, v in source["ema"].items() if k.startswith("module.")}
     model = ResNet(ResNetConfig.from_dict(source["model_config"]), name=source["architecture"])
     model.load_state_dict(weights)
-    save_pretrained(model, model_dir, extra={"trained_with": cfg.to_dict(), "best_top1": best, **(extra or {})})
+    save_pretrained(model, rundir.model, extra={"trained_with": cfg.to_dict(), "best_top1": best, **(extra or {})})
     return model
