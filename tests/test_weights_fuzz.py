@@ -140,11 +140,11 @@ def _same_weights(model, folder) -> bool:
 def test_save_pretrained_killed_midway_never_loads_wrong_weights(tmp_path, monkeypatch, renames_done) -> None:
     """Saving B over A and dying before the renames leaves A; dying between them leaves a folder that is
     refused as interrupted (never B's weights with A's config). The next save cleans up and succeeds."""
-    from resnetlab.models import weights as weights_module
+    from resnetlab import io as io_module
 
     old, new, folder = _tiny(0), _tiny(1), tmp_path / "m"
     resnetlab.save_pretrained(old, folder)
-    real_replace, calls = weights_module.replace_with, []
+    real_replace, calls = io_module.replace_with, []
 
     def dies_after(tmp, path):
         if len(calls) == renames_done:
@@ -152,7 +152,7 @@ def test_save_pretrained_killed_midway_never_loads_wrong_weights(tmp_path, monke
         calls.append(path)
         real_replace(tmp, path)
 
-    monkeypatch.setattr(weights_module, "replace_with", dies_after)
+    monkeypatch.setattr(io_module, "replace_with", dies_after)
     with pytest.raises(Crash):
         resnetlab.save_pretrained(new, folder)
     monkeypatch.undo()
@@ -161,7 +161,8 @@ def test_save_pretrained_killed_midway_never_loads_wrong_weights(tmp_path, monke
     else:
         with pytest.raises(WeightsError, match="interrupted"):
             resnetlab.from_pretrained(folder)
-    assert list(folder.glob(".*.tmp-*"))  # a crash leaves its temporary files...
+    assert not list(folder.glob(".*.tmp-*"))  # an exception removes its temporary files; a kill leaves them...
+    (folder / ".model.safetensors.tmp-99999").write_bytes(b"left by a killed save")
     resnetlab.save_pretrained(new, folder)
     assert _same_weights(new, folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # ...the next save not

@@ -11,11 +11,11 @@ from torch import nn
 
 from resnetlab.errors import WeightsError
 from resnetlab.models.config import ResNetConfig
+from resnetlab.models.hub import fetch_weights
 from resnetlab.models.registry import MODELS, get_config, resolve_name
 from resnetlab.models.resnet import FeatureExtractor, ResNet
 from resnetlab.models.weights import (
     convert_state_dict,
-    fetch_weights,
     load_pretrained_dir,
     load_state_dict_file,
     load_weights,

@@ -29,6 +29,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from resnetlab.data.images import ImageBoundsError
 from resnetlab.errors import DataError
 from resnetlab.inference import Predictor
 from resnetlab.serve.batcher import DynamicBatcher, Overloaded
@@ -120,6 +121,8 @@ async def _send_error(send: Any, status: int, message: str, *, retry_after: bool
 
 
 def status_for(error: DataError) -> int:
+    if isinstance(error, ImageBoundsError):
+        return 400  # an image too thin to resize (aspect ratio), refused from its header
     text = str(error)
     if text.startswith("refusing image"):
         return 413  # declared dimensions too large: a decompression bomb

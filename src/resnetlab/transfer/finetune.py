@@ -22,8 +22,9 @@ from resnetlab.data import DataBundle, build_data
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.loading import load_model
 from resnetlab.models import ResNet, create_model
+from resnetlab.models.hub import fetch_weights
 from resnetlab.models.registry import WeightsSource, resolve_name
-from resnetlab.models.weights import fetch_weights, load_weights
+from resnetlab.models.weights import load_weights
 from resnetlab.train import StepInfo, TrainConfig, train
 from resnetlab.train import distributed as dist
 from resnetlab.train.engine import TrainHooks, auto_resume_target, saved_config
