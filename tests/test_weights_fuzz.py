@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import zipfile
 
 import numpy as np
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 import resnetlab
 from fuzzing import fuzz
-from resnetlab.errors import WeightsError
+from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.models.weights import load_pretrained_dir, load_state_dict_file
 from resnetlab.train import load_checkpoint, save_checkpoint
 
@@ -120,6 +121,48 @@ def test_folder_without_a_valid_hash_is_refused_unless_verify_is_off(saved_model
     model = resnetlab.from_pretrained(folder, verify=False)  # the explicit opt-out for trusted, hand-made folders
     reference = resnetlab.from_pretrained(saved_model)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"layers": [1000000, 3, 3]}, {"input_size": [1, 100000, 100000]}, {"mean": [0.0, 0.0, 0.0]}],
+    ids=["layers", "input_size", "mean"],
+)
+def test_a_config_edited_beside_valid_weights_is_refused_before_anything_is_built(saved_model, tmp_path,
+                                                                                 edit) -> None:  # fmt: skip
+    """``layers: [1000000, 3, 3]`` beside a valid weights hash used to build for 45 s; ``input_size`` of
+    100000 px tried to allocate 13 GB at predict time. ``config_sha256`` binds the config to the weights."""
+    folder = _copy_folder(saved_model, tmp_path / "edited", edit_config=lambda meta: meta["config"].update(edit))
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"config\.json was modified after the model was saved"):
+        resnetlab.from_pretrained(folder)
+    with pytest.raises(WeightsError, match="config_sha256"):
+        resnetlab.create_model("resnet20", pretrained=str(folder))
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize(
+    ("edit", "limit"),
+    [({"layers": [1000000, 3, 3]}, "2,048 blocks"), ({"input_size": [1, 100000, 100000]}, "4,096 pixels a side"),
+     ({"widths": [4, 8, 1000000]}, "16,384"), ({"num_classes": 10**9}, "1,000,000"),
+     ({"layers": [2, 2, 2], "widths": [4096, 8192, 16384], "block": "bottleneck"}, "parameters"),
+     ({"layers": ["3", 3, 3]}, "whole numbers")],
+    ids=["layers", "input_size", "widths", "num_classes", "parameters", "type"],
+)  # fmt: skip
+def test_a_folder_saved_before_config_hashes_is_still_bounded(saved_model, tmp_path, edit, limit) -> None:
+    """Folders without ``config_sha256`` (saved before it existed) are accepted, within ``LIMITS``."""
+
+    def old_and_edited(meta: dict) -> None:
+        del meta["config_sha256"]
+        meta["config"].update(edit)
+
+    folder = _copy_folder(saved_model, tmp_path / "old", edit_config=old_and_edited)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=limit):
+        resnetlab.from_pretrained(folder)
+    assert time.perf_counter() - start < 5
+    unedited = _copy_folder(saved_model, tmp_path / "unedited", edit_config=lambda meta: meta.pop("config_sha256"))
+    assert resnetlab.from_pretrained(unedited).config.num_classes == 3  # an old, intact folder still loads
 
 
 class Crash(BaseException):

@@ -8,6 +8,7 @@ resnetlab's and returns the preprocessing and class names the weights were train
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,25 @@ def weights_search_path() -> list[Path]:
     return [*dirs, cache_dir() / "weights", Path(torch.hub.get_dir()) / "checkpoints"]
 
 
+def _imagenet_labels() -> tuple[str, ...]:
+    """torchvision's ImageNet metadata (the same order timm and Hugging Face use)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+#: Class names of the datasets published weights predict, by the ``labels`` of a ``WeightsSource``.
+LABELS: dict[str, Callable[[], tuple[str, ...]]] = {
+    "imagenet-1k": _imagenet_labels,
+    "cifar-10": lambda: CIFAR10_CLASSES,
+}
+
+
 def dataset_labels(dataset: str) -> tuple[str, ...]:
     """Class names, in label order, of a dataset that published weights predict."""
-    if dataset == "imagenet-1k":  # torchvision's ImageNet metadata (the same order timm and HF use)
-        from torchvision.models import ResNet50_Weights
-
-        return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
-    if dataset == "cifar-10":
-        return CIFAR10_CLASSES
-    raise WeightsError(f"no class names known for dataset {dataset!r}")
+    if dataset not in LABELS:
+        raise WeightsError(f"no class names known for dataset {dataset!r}; known: {sorted(LABELS)}")
+    return LABELS[dataset]()
 
 
 def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
