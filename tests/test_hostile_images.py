@@ -153,7 +153,8 @@ def test_a_fifo_in_a_dataset_folder_is_skipped_not_waited_on(tmp_path: Path, cap
     root = write_colour_folder(tmp_path / "data", {"train": 2}, noise=40, boost=120)
     os.mkfifo(root / "train" / "red" / "p.png")
     for extra in ([], ["--no-cache"]):
-        assert main(["data", str(root), *extra]) == 0
+        with pytest.warns(UserWarning, match="skipped 1 files"):
+            assert main(["data", str(root), *extra]) == 0
         assert "train/red/p.png (a FIFO (named pipe), not a regular file)" in capsys.readouterr().out
 
 
@@ -172,7 +173,8 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_a_reason(model_dir: Path, 
     root = write_colour_folder(tmp_path / "data", {"train": 2}, noise=40, boost=120)
     bad = os.fsencode(root / "train" / "red") + b"/caf\xe9.png"  # Latin-1, not UTF-8
     Image.new("RGB", (16, 16)).save(bad.decode("utf-8", "surrogateescape"))
-    assert main(["data", str(root)]) == 0
+    with pytest.warns(UserWarning, match="skipped 1 files"):
+        assert main(["data", str(root)]) == 0
     assert "train/red/caf\\xe9.png (its name is not valid UTF-8: rename it)" in capsys.readouterr().out
     csv_path = tmp_path / "p.csv"
     with pytest.warns(UserWarning, match=r"names are not valid UTF-8 \(rename them\): .*caf\\xe9.png"):
