@@ -264,9 +264,14 @@ def test_zip_checkpoint_with_code_payload_runs_nothing(tmp_path) -> None:
     torch.save({"weights": torch.zeros(2), "hook": Payload()}, buffer)
     path = _write(tmp_path / "evil.pt", buffer.getvalue())
     assert zipfile.is_zipfile(path)
-    with pytest.raises(WeightsError, match="never unpickles"):
+    with pytest.raises(WeightsError, match="never unpickles") as refused:
         load_state_dict_file(path)
     assert not marker.exists()
+    # the reason is what was refused, never torch's advice to retry with weights_only=False
+    assert "unsupported GLOBAL posix.system" in str(refused.value) and "weights_only" not in str(refused.value)
+    with pytest.raises(WeightsError) as refused:
+        load_checkpoint(path)
+    assert "weights_only" not in str(refused.value)
 
 
 def test_checkpoint_without_tensors_is_refused(tmp_path) -> None:

@@ -33,8 +33,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def error_summary(err: BaseException) -> str:
-    """``Type: first line`` of an exception, short enough for a one-line error message."""
-    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
+    """``Type: first line`` of an exception, short enough for a one-line error message.
+
+    Lines about ``weights_only`` are left out: torch's advice to re-run ``torch.load`` with
+    ``weights_only=False`` is how a hostile file would run its code, never something to suggest."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line]
+    return f"{type(err).__name__}: " + (lines or ["(no details)"])[0][:200]
 
 
 #: What ``stat`` calls the file types that are not regular files, for error messages.

@@ -284,7 +284,12 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     try:
         with open_regular(path) as f:
-            meta = json.loads(f.read(MAX_CONFIG_BYTES + 1))
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise WeightsError(
+                f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not a config.json save_pretrained wrote"
+            )
+        meta = json.loads(text)
     except FileNotFoundError:
         raise WeightsError(f"{directory} is not a resnetlab model folder: {CONFIG_FILE} is missing") from None
     except OSError as err:
