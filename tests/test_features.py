@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -119,6 +120,12 @@ def test_cli_features_then_similar(model_dir: Path, images: Path, tmp_path: Path
     # the same pixels: a copy, and the RGBA version (opaque alpha is dropped by load_image)
     assert {Path(m["file"]).name for m in result["matches"]} == {"rgb.png", "rgb_copy.png", "alpha.png"}
     assert all(m["score"] == pytest.approx(1.0, abs=1e-5) for m in result["matches"])
+
+
+def test_file_names_that_are_not_utf8_round_trip(tmp_path: Path) -> None:
+    latin1 = os.fsdecode(b"caf\xe9.png")  # as Python lists a Latin-1 name: with a surrogate
+    saved = Embeddings(np.ones((2, 3), np.float32), [latin1, "b.png"]).save(tmp_path / "emb.npy")
+    assert Embeddings.load(saved).files == [latin1, "b.png"]
 
 
 def test_save_keeps_dotted_names_and_load_finds_them(tmp_path: Path) -> None:

@@ -67,6 +67,8 @@ def test_eval_transform_refuses_a_resize_beyond_its_pixel_limit() -> None:
     with pytest.raises(ImageBoundsError, match="6000x20 image would have 19,660,800 pixels"):
         transform(Image.new("RGB", (6000, 20)))
     assert transform(Image.new("RGB", (300, 200))).shape == (3, 224, 224)
+    large = eval_transform(3584, crop_pct=0.875)  # a 4,096-px resize is allowed for a model that large
+    assert large.transforms[1].max_pixels == 4 * 4096 * 4096
 
 
 def test_predict_reports_each_hostile_image_on_one_line(model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -91,7 +91,8 @@ def imagenet_train_transform(
     return v2.Compose(steps + _to_normalized(mean, std, random_erasing))
 
 
-#: Most pixels an image may have once ``eval_transform`` has resized its short side (200 MB as float RGB).
+#: Most pixels an image may have once ``eval_transform`` has resized its short side (200 MB as float RGB);
+#: for models whose input is above 2,048 px, 4 times the square of the resized side.
 MAX_RESIZED_PIXELS = 1 << 24
 
 
@@ -145,7 +146,8 @@ def eval_transform(
         raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
     steps: list[v2.Transform] = [v2.ToImage()]
     if crop_pct != 1 or source_size != image_size:
-        steps += [RefuseHugeResize(round(image_size / crop_pct)), v2.Resize(round(image_size / crop_pct))]
+        side = round(image_size / crop_pct)  # a model with a large input may resize to more than the default limit
+        steps += [RefuseHugeResize(side, max(MAX_RESIZED_PIXELS, 4 * side * side)), v2.Resize(side)]
     if ten_crop:
         if crop_pct == 1:
             steps += [v2.CenterCrop(image_size), v2.Pad(image_size // 8)]

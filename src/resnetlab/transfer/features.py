@@ -107,7 +107,9 @@ class Embeddings:
             writer = csv.writer(table)
             writer.writerow(["index", "file"])
             writer.writerows(enumerate(self.files))
-            contents = {out: buffer.getvalue(), out.with_suffix(".csv"): table.getvalue().encode()}
+            # surrogateescape: a file name that is not UTF-8 is written as its own bytes, and read back so
+            csv_bytes = table.getvalue().encode("utf-8", "surrogateescape")
+            contents = {out: buffer.getvalue(), out.with_suffix(".csv"): csv_bytes}
         meta = {**self.meta, "count": len(self.files), "dim": int(self.vectors.shape[1]),
                 "content_sha256": {p.suffix: sha256_bytes(data) for p, data in contents.items()}}  # fmt: skip
         contents[out.with_suffix(".json")] = json.dumps(meta, indent=1).encode()
@@ -184,11 +186,11 @@ def _parse_npy(path: Path, data: bytes) -> np.ndarray:
 
 def _parse_csv(path: Path, data: bytes) -> list[str]:
     try:
-        reader = csv.DictReader(io.StringIO(data.decode(), newline=""))
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
         if "file" not in (reader.fieldnames or []):
             raise DataError(f"{path} has no 'file' column (found: {reader.fieldnames}); re-run `resnetlab features`")
         return [row["file"] for row in reader]
-    except (UnicodeDecodeError, csv.Error) as err:
+    except csv.Error as err:
         raise DataError(f"{path} is not a readable CSV ({error_summary(err)})") from err
 
 
