@@ -182,3 +182,15 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_a_reason(model_dir: Path, 
     with pytest.warns(UserWarning, match=r"names are not valid UTF-8 \(rename them\): .*caf\\xe9.png"):
         assert main(["predict", "--from", str(model_dir), str(root), "--csv", str(csv_path)]) == 0
     assert len(read_csv(csv_path)) == 4  # the whole CSV, every other image in it
+
+
+def test_open_regular_never_opens_a_device_or_a_folder(tmp_path: Path) -> None:
+    from resnetlab.io import NotRegularFileError, open_regular, sha256_file
+
+    for path, kind in ((Path("/dev/null"), "a character device"), (tmp_path, "a folder")):
+        with pytest.raises(NotRegularFileError, match=f"is {kind}, not a regular file"):
+            open_regular(path)
+    (tmp_path / "f.bin").write_bytes(b"abc")
+    with open_regular(tmp_path / "f.bin") as f:
+        assert f.read() == b"abc"
+    assert sha256_file(tmp_path / "f.bin").startswith("ba7816bf")

@@ -55,18 +55,23 @@ class NotRegularFileError(OSError):
     """A path names something other than a regular file (a FIFO, a device, a socket, a folder)."""
 
 
+def _check_regular(mode: int, path: str | os.PathLike) -> None:
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(f"{os.fsdecode(path)} is {file_kind(mode)}, not a regular file")
+
+
 def open_regular(path: str | os.PathLike) -> BinaryIO:
     """Open ``path`` for binary reading, refusing anything that is not a regular file.
 
-    The file is opened non-blocking and checked with ``fstat`` on the open descriptor (no race between a
-    check and the open): opening a FIFO this way returns at once instead of waiting for a writer.
-    Raises ``FileNotFoundError`` / ``PermissionError`` as ``open`` does, and ``NotRegularFileError``.
+    The path is checked with ``stat`` first, so a FIFO or a device is never opened; the file is then opened
+    non-blocking and checked again with ``fstat`` on the descriptor (a path swapped between the two cannot
+    make the open wait for a FIFO's writer). Raises ``FileNotFoundError`` / ``PermissionError`` as ``open``
+    does, and ``NotRegularFileError``.
     """
+    _check_regular(os.stat(path).st_mode, path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFileError(f"{os.fsdecode(path)} is {file_kind(mode)}, not a regular file")
+        _check_regular(os.fstat(fd).st_mode, path)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
