@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -114,3 +115,26 @@ def test_cli_export_json(tmp_path, capsys) -> None:
     assert main(["export", "--from", str(folder), "--out", str(out), "--fold-bn", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["max_abs_difference"] <= 1e-4 and out.is_file()
+
+
+def test_export_out_naming_a_folder_is_a_clear_error_that_leaves_nothing(tmp_path, capsys) -> None:
+    folder = tmp_path / "model"
+    resnetlab.save_pretrained(resnetlab.create_model("resnet8"), folder)
+    target = tmp_path / "exports"
+    target.mkdir()
+    assert main(["export", "--from", str(folder), "--out", str(target), "--format", "torchscript"]) == 1
+    err = capsys.readouterr().err
+    assert f"{target} is a folder; name the file to write, e.g. {target / 'model.pt'}" in err
+    assert "Traceback" not in err and list(target.iterdir()) == [] and sorted(os.listdir(tmp_path)) == [
+        "exports", "model"
+    ]  # fmt: skip
+
+
+def test_the_cli_formats_are_the_library_table() -> None:
+    from resnetlab.cli.main import build_parser
+    from resnetlab.export import EXPORT_FORMATS, FORMATS
+
+    [export] = [a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("export")]
+    [fmt] = [a for a in export._actions if a.dest == "format"]
+    assert list(fmt.choices) == list(EXPORT_FORMATS) == list(FORMATS)
+    assert FORMATS["exported-program"] == EXPORT_FORMATS["exported-program"].suffix == ".pt2"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -122,6 +123,12 @@ def test_cli_features_then_similar(model_dir: Path, images: Path, tmp_path: Path
     assert all(m["score"] == pytest.approx(1.0, abs=1e-5) for m in result["matches"])
 
 
+def test_file_names_that_are_not_utf8_round_trip(tmp_path: Path) -> None:
+    latin1 = os.fsdecode(b"caf\xe9.png")  # as Python lists a Latin-1 name: with a surrogate
+    saved = Embeddings(np.ones((2, 3), np.float32), [latin1, "b.png"]).save(tmp_path / "emb.npy")
+    assert Embeddings.load(saved).files == [latin1, "b.png"]
+
+
 def test_save_keeps_dotted_names_and_load_finds_them(tmp_path: Path) -> None:
     embeddings = Embeddings(np.ones((2, 3), np.float32), ["a.png", "b.png"])
     saved = embeddings.save(tmp_path / "emb.v2")
@@ -129,6 +136,69 @@ def test_save_keeps_dotted_names_and_load_finds_them(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.v2.csv", "emb.v2.json", "emb.v2.npy"]
     assert Embeddings.load(tmp_path / "emb.v2").files == ["a.png", "b.png"]
     assert Embeddings.load(saved).files == ["a.png", "b.png"]
+
+
+def test_a_features_run_killed_between_its_renames_is_detected(model_dir: Path, images: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """A new .npy beside the old .csv used to make `similar` answer with the wrong file names, exit 0."""
+    from resnetlab import io as io_module
+
+    out = tmp_path / "emb.npy"
+    Embeddings(np.ones((2, 8), np.float32), ["old-a.png", "old-b.png"]).save(out)
+    real_replace = io_module.replace_with
+
+    def killed_after_the_npy(tmp: Path, path: Path) -> None:
+        real_replace(tmp, path)
+        if path.suffix == ".npy":
+            raise KeyboardInterrupt  # stands for the kill: the .csv and .json renames never happen
+
+    monkeypatch.setattr(io_module, "replace_with", killed_after_the_npy)
+    with pytest.raises(KeyboardInterrupt):
+        Embeddings(np.zeros((2, 8), np.float32) + 2, ["new-a.png", "new-b.png"]).save(out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.csv", "emb.json", "emb.npy"]  # no leftovers
+    with pytest.raises(DataError, match=r"emb\.npy, emb\.csv and emb\.json do not belong together"):
+        Embeddings.load(out)
+    assert main(["similar", str(images / "rgb.png"), "--index", str(out)]) == 1
+    assert "do not belong together" in capsys.readouterr().err
+
+
+def _index(tmp_path: Path, model_dir: Path) -> Path:
+    out = tmp_path / "emb.npy"
+    meta = {"source": str(model_dir), "stage": None}
+    return Embeddings(np.ones((2, 16), np.float32), ["a.png", "b.png"], meta).save(out)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-20]), "emb.npy is not a readable .npy file, truncated"),
+        (lambda p: p.with_suffix(".json").write_text("{not json"), "emb.json is not valid JSON"),
+        (lambda p: p.with_suffix(".csv").write_text("index,name\n0,a.png\n1,b.png\n"), "has no 'file' column"),
+    ],
+    ids=["truncated-npy", "bad-json", "csv-without-file"],
+)
+def test_similar_explains_a_damaged_index_in_one_line(model_dir: Path, images: Path, tmp_path: Path, spoil,
+                                                      message: str, capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    index = _index(tmp_path, model_dir)
+    spoil(index)
+    meta = json.loads(index.with_suffix(".json").read_text()) if "json" not in message else None
+    if meta is not None:  # a damaged file whose hash was recorded again: the parser itself must explain it
+        meta["content_sha256"] = None
+        index.with_suffix(".json").write_text(json.dumps(meta))
+    assert main(["similar", str(images / "rgb.png"), "--index", str(index)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_similar_refuses_a_top_k_below_one(model_dir: Path, images: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    index = _index(tmp_path, model_dir)
+    assert main(["similar", str(images / "rgb.png"), "--index", str(index), "-k", "-1"]) == 1
+    assert "k (--top-k) must be at least 1, not -1" in capsys.readouterr().err
+    with pytest.raises(InputError, match="at least 1"):
+        nearest(Embeddings.load(index), np.ones((1, 16), np.float32), k=0)
 
 
 def test_parquet_without_pandas_is_a_clear_error(model_dir: Path, images: Path, tmp_path: Path,

@@ -15,8 +15,8 @@ import resnetlab
 from resnetlab.cli.main import main
 from resnetlab.data import CIFAR10_CLASSES
 from resnetlab.inference import Predictor
+from resnetlab.models.hub import dataset_labels
 from resnetlab.models.registry import MODELS, get_config
-from resnetlab.models.weights import dataset_labels
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import zipfile
 
 import numpy as np
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 import resnetlab
 from fuzzing import fuzz
-from resnetlab.errors import WeightsError
+from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.models.weights import load_pretrained_dir, load_state_dict_file
 from resnetlab.train import load_checkpoint, save_checkpoint
 
@@ -122,6 +123,48 @@ def test_folder_without_a_valid_hash_is_refused_unless_verify_is_off(saved_model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [{"layers": [1000000, 3, 3]}, {"input_size": [1, 100000, 100000]}, {"mean": [0.0, 0.0, 0.0]}],
+    ids=["layers", "input_size", "mean"],
+)
+def test_a_config_edited_beside_valid_weights_is_refused_before_anything_is_built(saved_model, tmp_path,
+                                                                                 edit) -> None:  # fmt: skip
+    """``layers: [1000000, 3, 3]`` beside a valid weights hash used to build for 45 s; ``input_size`` of
+    100000 px tried to allocate 13 GB at predict time. ``config_sha256`` binds the config to the weights."""
+    folder = _copy_folder(saved_model, tmp_path / "edited", edit_config=lambda meta: meta["config"].update(edit))
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"config\.json was modified after the model was saved"):
+        resnetlab.from_pretrained(folder)
+    with pytest.raises(WeightsError, match="config_sha256"):
+        resnetlab.create_model("resnet20", pretrained=str(folder))
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize(
+    ("edit", "limit"),
+    [({"layers": [1000000, 3, 3]}, "2,048 blocks"), ({"input_size": [1, 100000, 100000]}, "4,096 pixels a side"),
+     ({"widths": [4, 8, 1000000]}, "16,384"), ({"num_classes": 10**9}, "1,000,000"),
+     ({"layers": [2, 2, 2], "widths": [4096, 8192, 16384], "block": "bottleneck"}, "parameters"),
+     ({"layers": ["3", 3, 3]}, "whole numbers")],
+    ids=["layers", "input_size", "widths", "num_classes", "parameters", "type"],
+)  # fmt: skip
+def test_a_folder_saved_before_config_hashes_is_still_bounded(saved_model, tmp_path, edit, limit) -> None:
+    """Folders without ``config_sha256`` (saved before it existed) are accepted, within ``LIMITS``."""
+
+    def old_and_edited(meta: dict) -> None:
+        del meta["config_sha256"]
+        meta["config"].update(edit)
+
+    folder = _copy_folder(saved_model, tmp_path / "old", edit_config=old_and_edited)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=limit):
+        resnetlab.from_pretrained(folder)
+    assert time.perf_counter() - start < 5
+    unedited = _copy_folder(saved_model, tmp_path / "unedited", edit_config=lambda meta: meta.pop("config_sha256"))
+    assert resnetlab.from_pretrained(unedited).config.num_classes == 3  # an old, intact folder still loads
+
+
 class Crash(BaseException):
     """Stands for the process dying: no ``except Exception`` handler runs."""
 
@@ -140,11 +183,11 @@ def _same_weights(model, folder) -> bool:
 def test_save_pretrained_killed_midway_never_loads_wrong_weights(tmp_path, monkeypatch, renames_done) -> None:
     """Saving B over A and dying before the renames leaves A; dying between them leaves a folder that is
     refused as interrupted (never B's weights with A's config). The next save cleans up and succeeds."""
-    from resnetlab.models import weights as weights_module
+    from resnetlab import io as io_module
 
     old, new, folder = _tiny(0), _tiny(1), tmp_path / "m"
     resnetlab.save_pretrained(old, folder)
-    real_replace, calls = weights_module.replace_with, []
+    real_replace, calls = io_module.replace_with, []
 
     def dies_after(tmp, path):
         if len(calls) == renames_done:
@@ -152,7 +195,7 @@ def test_save_pretrained_killed_midway_never_loads_wrong_weights(tmp_path, monke
         calls.append(path)
         real_replace(tmp, path)
 
-    monkeypatch.setattr(weights_module, "replace_with", dies_after)
+    monkeypatch.setattr(io_module, "replace_with", dies_after)
     with pytest.raises(Crash):
         resnetlab.save_pretrained(new, folder)
     monkeypatch.undo()
@@ -161,7 +204,8 @@ def test_save_pretrained_killed_midway_never_loads_wrong_weights(tmp_path, monke
     else:
         with pytest.raises(WeightsError, match="interrupted"):
             resnetlab.from_pretrained(folder)
-    assert list(folder.glob(".*.tmp-*"))  # a crash leaves its temporary files...
+    assert not list(folder.glob(".*.tmp-*"))  # an exception removes its temporary files; a kill leaves them...
+    (folder / ".model.safetensors.tmp-99999").write_bytes(b"left by a killed save")
     resnetlab.save_pretrained(new, folder)
     assert _same_weights(new, folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # ...the next save not
@@ -220,9 +264,14 @@ def test_zip_checkpoint_with_code_payload_runs_nothing(tmp_path) -> None:
     torch.save({"weights": torch.zeros(2), "hook": Payload()}, buffer)
     path = _write(tmp_path / "evil.pt", buffer.getvalue())
     assert zipfile.is_zipfile(path)
-    with pytest.raises(WeightsError, match="never unpickles"):
+    with pytest.raises(WeightsError, match="never unpickles") as refused:
         load_state_dict_file(path)
     assert not marker.exists()
+    # the reason is what was refused, never torch's advice to retry with weights_only=False
+    assert "unsupported GLOBAL posix.system" in str(refused.value) and "weights_only" not in str(refused.value)
+    with pytest.raises(WeightsError) as refused:
+        load_checkpoint(path)
+    assert "weights_only" not in str(refused.value)
 
 
 def test_checkpoint_without_tensors_is_refused(tmp_path) -> None:

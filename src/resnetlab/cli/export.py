@@ -9,11 +9,12 @@ from resnetlab.cli.common import add_json_flag, add_model_source, print_json, so
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a model (onnx, torchscript, exported-program, tflite, coreml)",
+    from resnetlab.export.artifacts import EXPORT_FORMATS  # the one table of formats
+
+    p = sub.add_parser("export", help=f"export a model ({', '.join(EXPORT_FORMATS)})",
                        description="Export, then check the artifact against PyTorch on random inputs.")  # fmt: skip
     add_model_source(p)
-    p.add_argument("--format", default="onnx",
-                   choices=["onnx", "torchscript", "exported-program", "tflite", "coreml"],
+    p.add_argument("--format", default="onnx", choices=list(EXPORT_FORMATS),
                    help="tflite and coreml need the extras resnetlab[tflite] / resnetlab[coreml]")  # fmt: skip
     p.add_argument("--out", type=Path, help="artifact path (default: model.<ext> in the current folder)")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convolutions")
@@ -28,11 +29,13 @@ def export(args: argparse.Namespace) -> int:
     """Write the artifact and its .json sidecar; report the largest difference from PyTorch."""
     import torch
 
-    from resnetlab.export import FORMATS, export_model, max_difference, read_export
+    from resnetlab.export import EXPORT_FORMATS, export_model, max_difference, read_export
+    from resnetlab.export.quantize import calibration_batch
     from resnetlab.sources import load_resnet
 
+    kind = EXPORT_FORMATS[args.format]
     model = load_resnet(args.source, **source_options(args)).eval()
-    out = args.out or Path("model" + FORMATS[args.format])
+    out = args.out or Path("model" + kind.suffix)
     calibration = None
     if args.quantize:
         calibration = calibration_batch(model, args.calibration_data, args.calibration_images)
@@ -41,33 +44,17 @@ def export(args: argparse.Namespace) -> int:
     meta = read_export(path)
     c = model.config
     probe = calibration[:8] if calibration is not None else torch.randn(4, c.in_chans, *c.input_size[1:])
-    difference = None if args.format == "coreml" else max_difference(model, path, probe)  # runs on macOS only
+    difference = None if kind.not_here else max_difference(model, path, probe)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     report = {"artifact": str(path), "metadata": str(path) + ".json", "format": args.format,
               "max_abs_difference": difference, "bytes": size, "validated": meta.get("validated")}  # fmt: skip
     if args.json:
         print_json(report)
         return 0
-    check = "not run (Core ML needs macOS)" if difference is None else f"{difference:.2e}"
+    check = f"not run ({kind.not_here})" if difference is None else f"{difference:.2e}"
     print(f"wrote {path} ({size / 1e6:.2f} MB) and {report['metadata']}; max |difference| from PyTorch: {check}")
-    if args.format == "coreml":
-        facts = meta["validated"]
+    if "operations" in (facts := meta.get("validated") or {}):  # a converter that validated its spec (Core ML)
         shapes = lambda named: ", ".join(f"{k} {v}" for k, v in named.items())  # noqa: E731
-        print(f"Core ML spec validated: {shapes(facts['inputs'])} -> {shapes(facts['outputs'])}, "
+        print(f"{kind.title} spec validated: {shapes(facts['inputs'])} -> {shapes(facts['outputs'])}, "
               f"{facts['operations']} operations")  # fmt: skip
     return 0
-
-
-def calibration_batch(model, data: str | None, count: int):
-    """Preprocessed images for int8 calibration, from ``data`` or the data the model was trained on."""
-    import torch
-
-    from resnetlab.data import build_data
-    from resnetlab.errors import ConfigError
-
-    c = model.config
-    if data is None:
-        raise ConfigError("int8 quantization needs --calibration-data (a dataset path, e.g. the training data)")
-    bundle = build_data(data, augment="none", image_size=c.input_size[-1], mean=c.mean, std=c.std)
-    picked = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(0))[:count].tolist()
-    return torch.stack([bundle.train[i][0] for i in picked])

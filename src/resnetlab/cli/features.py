@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def features(args: argparse.Namespace) -> int:
-    from resnetlab.cli.predict import collect_images
+    from resnetlab.data.images import collect_images
     from resnetlab.inference import Predictor
     from resnetlab.sources import load_resnet
     from resnetlab.transfer.features import extract_features

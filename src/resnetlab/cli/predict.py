@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 
 from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
-from resnetlab.errors import DataError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,18 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=predict)
 
 
-def collect_images(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.exists():
-            files.append(item)
-        else:
-            raise DataError(f"no such file or folder: {item}")
-    return files
-
-
 def default_csv(folder: Path = Path()) -> Path:
     """``predictions.csv`` in ``folder``, or the first free ``predictions-N.csv``: earlier results stay."""
     path, n = folder / "predictions.csv", 0
@@ -54,6 +39,7 @@ def default_csv(folder: Path = Path()) -> Path:
 
 def predict(args: argparse.Namespace) -> int:
     """Classify every image; unreadable files are reported on stderr and skipped."""
+    from resnetlab.data.images import collect_images
     from resnetlab.inference import Predictor
 
     files = collect_images(args.inputs)

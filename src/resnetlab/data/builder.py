@@ -167,9 +167,9 @@ def build_data(
     check_images: for per-item decoding, probe every header at index time and skip unreadable files.
     mode: PIL mode images are converted to ("RGB" or "L"; digits are always "L").
     """
-    loaded = _load_source(source, image_size=image_size, download=download, cache=cache,
-                          follow_symlinks=follow_symlinks, check_images=check_images, mode=mode,
-                          root=Path(root) if root else cache_dir() / "datasets")  # fmt: skip
+    loaded = _load_source(source, _Request(image_size=image_size, download=download, cache=cache,
+                                           follow_symlinks=follow_symlinks, check_images=check_images, mode=mode,
+                                           root=Path(root) if root else cache_dir() / "datasets"))  # fmt: skip
     warn_skipped(loaded.skipped, str(source or loaded.name), stacklevel=2)
     size = image_size or loaded.native_size or PHOTO_IMAGE_SIZE
     mean, std = _normalisation(loaded, mean, std)
@@ -240,46 +240,85 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-def _load_source(source: str | os.PathLike | None, *, image_size: int | None, download: bool, cache: bool | None,
-                 follow_symlinks: bool, check_images: bool, mode: str, root: Path) -> _Loaded:  # fmt: skip
+@dataclass(frozen=True)
+class _Request:
+    """What ``build_data`` asks of a source loader."""
+
+    image_size: int | None
+    download: bool
+    cache: bool | None
+    follow_symlinks: bool
+    check_images: bool
+    mode: str
+    root: Path
+
+
+def _load_source(source: str | os.PathLike | None, request: _Request) -> _Loaded:
     named = _named_dataset(source)
-    if named == "digits":
-        size = image_size or DIGITS_IMAGE_SIZE
-        splits = load_digits(size)
-        mean, std = channel_stats(splits["train"].images)
-        # hflip=False: a mirrored digit is not a digit
-        return _Loaded("digits", dict(splits), DIGITS_CLASSES, 1, size, mean, std, hflip=False)
     if named is not None:
-        return _load_cifar(locate_or_download_cifar(named, root, download=download))
+        return NAMED_DATASETS[named](named, request)
     path = Path(source).expanduser()  # type: ignore[arg-type]
     if not path.exists():
         raise DataError(
-            f"dataset not found: {source!r} (use 'digits', 'cifar10', 'cifar100', or the path of an ImageFolder "
-            "directory, an archive of one, or a cifar-10-batches-py folder)"
+            f"dataset not found: {source!r} (use {', '.join(map(repr, NAMED_DATASETS))}, or the path of an "
+            "ImageFolder directory, an archive of one, or a cifar-10-batches-py folder)"
         )
-    tag = f"mode={mode}"
-    if path.is_file() and cache is not False and (hit := load_cache(cache_file_for(path, tag=tag))):
+    tag = f"mode={request.mode}"
+    if path.is_file() and request.cache is not False and (hit := load_cache(cache_file_for(path, tag=tag))):
         return _from_cache(*hit)
-    store = open_store(path, follow_symlinks=follow_symlinks)
+    store = open_store(path, follow_symlinks=request.follow_symlinks)
+    for layout in STORE_LAYOUTS:
+        if (loaded := layout(store, path, request)) is not None:
+            return loaded
+    raise DataError(f"no dataset layout recognised in {path}")  # (the ImageFolder layout accepts any store)
+
+
+def _load_digits(name: str, request: _Request) -> _Loaded:
+    size = request.image_size or DIGITS_IMAGE_SIZE
+    splits = load_digits(size)
+    mean, std = channel_stats(splits["train"].images)
+    # hflip=False: a mirrored digit is not a digit
+    return _Loaded("digits", dict(splits), DIGITS_CLASSES, 1, size, mean, std, hflip=False)
+
+
+def _load_named_cifar(name: str, request: _Request) -> _Loaded:
+    return _load_cifar(locate_or_download_cifar(name, request.root, download=request.download))
+
+
+def _cifar_in_store(store: FileStore, path: Path, request: _Request) -> _Loaded | None:
     layout = find_cifar_layout(store.names)
-    if layout is not None:
-        return _load_cifar(store, layout)
+    return _load_cifar(store, layout) if layout is not None else None
+
+
+def _image_folder(store: FileStore, path: Path, request: _Request) -> _Loaded:
+    """An ImageFolder: decoded once into the uint8 cache when its images are small, else per item."""
     index = index_image_folder(store.names, where=str(path), empty_dirs=getattr(store, "empty_dirs", ()))
+    index.skipped += store.skipped
     first_side = _first_readable_side(store, index, where=str(path))
     small = first_side <= SMALL_IMAGE_MAX
-    if cache or (cache is None and small):
-        cache_file = cache_file_for(path, tag=tag)
+    if request.cache or (request.cache is None and small):
+        cache_file = cache_file_for(path, tag=f"mode={request.mode}")
         if path.is_dir() and (hit := load_cache(cache_file)):
             return _from_cache(*hit)
-        tensors, metadata = _decode_folder(path, store, index, mode)
+        tensors, metadata = _decode_folder(path, store, index, request.mode)
         if tensors is not None:
             save_cache(cache_file, tensors, metadata)
             return _from_cache(tensors, metadata)
-    if check_images:
+    if request.check_images:
         drop_unreadable(index, store)
-    splits = {s: LazyImageDataset(store, samples, index.classes, mode=mode) for s, samples in index.splits.items()}
-    return _Loaded(_dataset_name(path), dict(splits), index.classes, len(mode),
+    splits = {s: LazyImageDataset(store, samples, index.classes, mode=request.mode)
+              for s, samples in index.splits.items()}  # fmt: skip
+    return _Loaded(_dataset_name(path), dict(splits), index.classes, len(request.mode),
                    native_size=first_side if small else None, skipped=index.skipped)  # fmt: skip
+
+
+#: Datasets known by name (``build_data("cifar10")``): the one place to add one.
+NAMED_DATASETS: dict[str, Callable[[str, _Request], _Loaded]] = {
+    "digits": _load_digits, "cifar10": _load_named_cifar, "cifar100": _load_named_cifar,
+}  # fmt: skip
+#: Layouts recognised in a folder or archive, tried in order (the ImageFolder layout last: it takes any
+#: store, and explains what it expected when nothing fits): the one place to add one.
+STORE_LAYOUTS: tuple[Callable[[FileStore, Path, _Request], _Loaded | None], ...] = (_cifar_in_store, _image_folder)
 
 
 def _first_readable_side(store: FileStore, index: FolderIndex, *, where: str) -> int:
@@ -305,13 +344,13 @@ def _dataset_name(path: Path) -> str:
 
 
 def _named_dataset(source: str | os.PathLike | None) -> str | None:
-    """The dataset ("digits", "cifar10" or "cifar100") when ``source`` names one (and is not an existing path)."""
+    """The key of ``NAMED_DATASETS`` that ``source`` names ("digits" for None), unless it is an existing path."""
     if source is None:
         return "digits"
     if not isinstance(source, str) or Path(source).exists():
         return None
     key = source.lower().replace("-", "").replace("_", "")
-    return key if key in ("digits", "cifar10", "cifar100") else None
+    return key if key in NAMED_DATASETS else None
 
 
 def _load_cifar(store: FileStore, layout: CifarLayout | None = None) -> _Loaded:

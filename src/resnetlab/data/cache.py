@@ -2,7 +2,8 @@
 
 The cache file lives under ``resnetlab.paths.cache_dir()/datasets`` and is keyed by the source's path,
 size and modification time (for a folder: of every file in it), so editing the source invalidates it.
-Writes are atomic (temporary file + rename): an interrupted run never leaves a half-written cache.
+Writes are atomic (``resnetlab.io``: temporary file, fsync, rename): an interrupted run never leaves a
+half-written cache.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from resnetlab.data.images import load_image
 from resnetlab.data.stores import FileStore
 from resnetlab.errors import DataError
+from resnetlab.io import atomic_write_with
 from resnetlab.paths import cache_dir
 
 CACHE_VERSION = 1
@@ -31,11 +32,11 @@ CACHE_VERSION = 1
 def cache_file_for(source: Path, *, tag: str = "") -> Path:
     """The cache path for ``source`` (a file or folder) and a variant ``tag`` (e.g. the image mode)."""
     source = source.expanduser().resolve()
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{source}|{tag}".encode())
+    digest = hashlib.sha256(os.fsencode(f"v{CACHE_VERSION}|{source}|{tag}"))
     files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-    for path in files:
+    for path in files:  # (os.fsencode: a file name need not be valid UTF-8)
         st = path.stat()
-        digest.update(f"|{path.relative_to(source.parent)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        digest.update(os.fsencode(f"|{path.relative_to(source.parent)}|{st.st_size}|{st.st_mtime_ns}"))
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.name)[:60]
     return cache_dir() / "datasets" / f"{stem}-{digest.hexdigest()[:16]}.safetensors"
 
@@ -44,14 +45,7 @@ def save_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> 
     """Write atomically; an unwritable cache folder only costs a warning (decoding happens again)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"resnetlab": json.dumps(metadata)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"resnetlab": json.dumps(metadata)}))
     except OSError as err:
         warnings.warn(f"could not write the dataset cache {path} ({err}); it will be decoded again", stacklevel=2)
 

@@ -1,13 +1,19 @@
 """The one image loader used by datasets, prediction and serving: safe, EXIF-aware, mode-normalising.
 
-Untrusted files are opened header-first: the declared size is checked against a pixel limit *before*
-any pixel buffer is allocated, and every decoding failure becomes a :class:`DataError` naming the file.
+Untrusted files are opened header-first: the declared size is checked against a pixel limit and an
+aspect-ratio limit *before* any pixel buffer is allocated (a 1-KB PNG can declare 1 x 20,000,000 pixels,
+which resizing for a model would blow up to gigabytes), and every decoding failure becomes a
+:class:`DataError` naming the file. Only regular files are opened: a FIFO or a device named like an image
+is refused at once instead of blocking the reader forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,11 +21,21 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resnetlab.errors import DataError
+from resnetlab.io import NotRegularFileError, is_utf8_name, open_regular, printable_name
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 #: Largest image (width x height) decoded by default: Pillow's own warning threshold, ~0.25 GiB as RGB.
 MAX_IMAGE_PIXELS = 89_478_485
+#: Largest ratio of the long side to the short side. Resizing the short side to a model's input size
+#: multiplies the long side by the same factor: a 1 x 1,000,000 strip would become 256 x 256,000,000.
+MAX_ASPECT_RATIO = 100
+
+
+class ImageBoundsError(DataError):
+    """An image whose shape (aspect ratio, or size once resized) is outside the limits: refused before
+    anything big is allocated. A client error (HTTP 400), unlike a decompression bomb (413)."""
+
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -37,32 +53,51 @@ def describe_source(source: ImageSource) -> str:
     return str(getattr(source, "name", "<file object>"))
 
 
-def _open(source: ImageSource, label: str, max_pixels: int | None) -> Image.Image:
-    """Open lazily (header only) and refuse absurd sizes before any pixels are allocated."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        source = io.BytesIO(bytes(source))
-    elif isinstance(source, str | os.PathLike) and not Path(source).is_file():
-        raise DataError(f"image file not found: {label}")
+def _open_file(path: str | os.PathLike, label: str) -> BinaryIO:
+    """A regular file opened for reading; DataError saying what the path is otherwise."""
     try:
-        image = Image.open(source)
-    except Image.DecompressionBombError as err:
-        raise DataError(f"refusing image {label}: {err}") from err
-    except _DECODE_ERRORS as err:
-        raise DataError(f"not a readable image: {label} ({type(err).__name__}: {err})") from err
-    width, height = image.size
-    if width <= 0 or height <= 0 or (max_pixels is not None and width * height > max_pixels):
-        image.close()
-        raise DataError(
-            f"refusing image {label}: declared size {width}x{height} is empty or exceeds the limit of "
-            f"{max_pixels} pixels (possible decompression bomb; pass max_pixels= to raise the limit)"
-        )
-    return image
+        return open_regular(path)
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {label}") from None
+    except NotRegularFileError as err:
+        raise DataError(f"not an image file: {err}") from None
+    except OSError as err:
+        raise DataError(f"cannot read image {label}: {err.strerror or err}") from None
 
 
-def probe_image(source: ImageSource, *, name: str | None = None,
-                max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:  # fmt: skip
-    """(width, height) from the header alone; raises DataError for non-images and bombs."""
-    with _open(source, name or describe_source(source), max_pixels) as image:
+@contextlib.contextmanager
+def _open(source: ImageSource, label: str, max_pixels: int | None,
+          max_aspect: float | None) -> Iterator[Image.Image]:  # fmt: skip
+    """Open lazily (header only) and refuse absurd sizes and shapes before any pixels are allocated."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, bytes | bytearray | memoryview):
+            source = io.BytesIO(bytes(source))
+        elif isinstance(source, str | os.PathLike):
+            source = stack.enter_context(_open_file(source, label))
+        try:
+            image = stack.enter_context(Image.open(source))
+        except Image.DecompressionBombError as err:
+            raise DataError(f"refusing image {label}: {err}") from err
+        except _DECODE_ERRORS as err:
+            raise DataError(f"not a readable image: {label} ({type(err).__name__}: {err})") from err
+        width, height = image.size
+        if width <= 0 or height <= 0 or (max_pixels is not None and width * height > max_pixels):
+            raise DataError(
+                f"refusing image {label}: declared size {width}x{height} is empty or exceeds the limit of "
+                f"{max_pixels} pixels (possible decompression bomb; pass max_pixels= to raise the limit)"
+            )
+        if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+            raise ImageBoundsError(
+                f"image {label} is {width}x{height} pixels: its long side is more than {max_aspect:g} times its "
+                "short side, too thin to resize for a model (crop it into parts)"
+            )
+        yield image
+
+
+def probe_image(source: ImageSource, *, name: str | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                max_aspect: float | None = MAX_ASPECT_RATIO) -> tuple[int, int]:  # fmt: skip
+    """(width, height) from the header alone; raises DataError for non-images, bombs and absurd shapes."""
+    with _open(source, name or describe_source(source), max_pixels, max_aspect) as image:
         return image.size
 
 
@@ -72,6 +107,7 @@ def load_image(
     *,
     name: str | None = None,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
+    max_aspect: float | None = MAX_ASPECT_RATIO,
     exif_transpose: bool = True,
 ) -> Image.Image:
     """Decode ``source`` (path, bytes or binary file) into a detached PIL image in ``mode``.
@@ -82,7 +118,7 @@ def load_image(
     - ``mode=None`` keeps the decoded mode.
     """
     label = name or describe_source(source)
-    with _open(source, label, max_pixels) as image:
+    with _open(source, label, max_pixels, max_aspect) as image:
         try:
             image.load()
         except _DECODE_ERRORS as err:
@@ -119,3 +155,27 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     else:
         peak = max(top, 255.0)
     return Image.fromarray(np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8))
+
+
+#: Extensions of the files ``collect_images`` picks from folders.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files named by ``inputs``: files as given, folders searched recursively (regular files with
+    an image extension, sorted). Names that are not valid UTF-8 cannot be reported or written to a CSV,
+    so they are left out with one warning saying to rename them."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif item.exists() or item.is_symlink():
+            files.append(item)
+        else:
+            raise DataError(f"no such file or folder: {printable_name(item)}")
+    unnamed = [f for f in files if not is_utf8_name(f)]
+    if unnamed:
+        shown = ", ".join(printable_name(f) for f in unnamed[:5]) + (" ..." if len(unnamed) > 5 else "")
+        warnings.warn(f"skipped {len(unnamed)} file(s) whose names are not valid UTF-8 (rename them): {shown}",
+                      UserWarning, stacklevel=2)  # fmt: skip
+    return [f for f in files if is_utf8_name(f)]

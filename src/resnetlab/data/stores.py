@@ -6,7 +6,9 @@ entries are ignored with a warning and never followed. Sizes are checked before 
 member declaring more than ``MAX_MEMBER_BYTES``, or a compressed tar whose members add up to more than
 ``MAX_IN_MEMORY_BYTES``, is refused (decompression bombs); a zip member is never read past its declared
 size, and one whose content does not match it fails its CRC check. In a directory, symlinks that lead outside the
-root are skipped with a warning unless ``follow_symlinks=True``.
+root are skipped with a warning unless ``follow_symlinks=True``; only regular files are listed and opened (a
+FIFO named ``p.png`` would block a reader forever), and names that are not valid UTF-8 are left out (they
+cannot be reported or stored); both are listed in the store's ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from resnetlab.errors import DataError
+from resnetlab.io import file_kind, is_utf8_name, open_regular, printable_name
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz")
 #: A single member larger than this is refused (zip bombs declare absurd sizes).
@@ -38,6 +41,7 @@ class FileStore(Protocol):
     """What the dataset readers need: relative POSIX names, and a binary stream for each."""
 
     names: list[str]
+    skipped: list[str]  # "name (reason)" for every file the store leaves out
 
     def open(self, name: str) -> BinaryIO: ...
 
@@ -80,6 +84,17 @@ def _empty_dirs(dirs: set[str], names: list[str]) -> list[str]:
     return sorted(d for d in dirs if d not in occupied)
 
 
+def _not_listable(path: str, relative: str) -> str | None:
+    """Why a directory entry cannot be a dataset file (None when it can): not UTF-8, or not a regular file."""
+    if not is_utf8_name(relative):
+        return "its name is not valid UTF-8: rename it"
+    try:
+        mode = os.stat(path).st_mode  # follows a symlink (one leading outside was dealt with before)
+    except OSError as err:
+        return f"cannot read it: {err.strerror}"
+    return None if stat.S_ISREG(mode) else f"{file_kind(mode)}, not a regular file"
+
+
 def _warn_ignored(what: str, where: Path, names: list[str]) -> None:
     if names:
         shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
@@ -93,6 +108,7 @@ class DirectoryStore:
         self.root = Path(root).expanduser()
         self.follow_symlinks = follow_symlinks
         self.empty_dirs: list[str] = []  # folders with nothing in them (an empty class is an error)
+        self.skipped: list[str] = []
         self.names = self._walk()
 
     def _walk(self) -> list[str]:
@@ -117,10 +133,13 @@ class DirectoryStore:
             if not kept_dirs and not filenames:
                 self.empty_dirs.append(relative_dir.as_posix())
             for name in sorted(filenames):
+                relative = (relative_dir / name).as_posix()
                 if self._escapes(os.path.join(dirpath, name), real_root):
-                    escaping.append((relative_dir / name).as_posix())
+                    escaping.append(relative)
+                elif reason := _not_listable(os.path.join(dirpath, name), relative):
+                    self.skipped.append(f"{printable_name(relative)} ({reason})")
                 else:
-                    names.append((relative_dir / name).as_posix())
+                    names.append(relative)
         _warn_ignored("symlinks leading outside the folder (pass follow_symlinks=True to follow them)",
                       self.root, escaping)  # fmt: skip
         return names
@@ -133,7 +152,7 @@ class DirectoryStore:
 
     def open(self, name: str) -> BinaryIO:
         try:
-            return open(self.root / name, "rb")
+            return open_regular(self.root / name)
         except OSError as err:
             raise DataError(f"cannot read {self.describe(name)}: {err}") from err
 
@@ -146,6 +165,7 @@ class _ArchiveStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.skipped: list[str] = []  # links and special members are warned about instead
         self._handle: object | None = None
         self._pid = -1
 

@@ -6,10 +6,12 @@ Every transform accepts a PIL image or a uint8 tensor ``(C, H, W)`` and returns 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torchvision.transforms import v2
 
+from resnetlab.data.images import ImageBoundsError
 from resnetlab.errors import ConfigError
 from resnetlab.models.config import IMAGENET_MEAN, IMAGENET_STD  # one definition, shared with the models
 
@@ -89,6 +91,31 @@ def imagenet_train_transform(
     return v2.Compose(steps + _to_normalized(mean, std, random_erasing))
 
 
+#: Most pixels an image may have once ``eval_transform`` has resized its short side (200 MB as float RGB);
+#: for models whose input is above 2,048 px, 4 times the square of the resized side.
+MAX_RESIZED_PIXELS = 1 << 24
+
+
+class RefuseHugeResize(torch.nn.Module):
+    """Refuse, before ``Resize(short_side)`` allocates it, an image that would exceed ``max_pixels`` once its
+    short side is resized (a thin strip grows its long side by the same factor as its short side)."""
+
+    def __init__(self, short_side: int, max_pixels: int = MAX_RESIZED_PIXELS) -> None:
+        super().__init__()
+        self.short_side, self.max_pixels = short_side, max_pixels
+
+    def forward(self, image: Any) -> Any:
+        height, width = v2.functional.get_size(image)
+        short, long = sorted((max(height, 1), max(width, 1)))
+        resized = self.short_side * (self.short_side * long // short)
+        if resized > self.max_pixels:
+            raise ImageBoundsError(
+                f"a {width}x{height} image would have {resized:,} pixels once resized to a short side of "
+                f"{self.short_side}, more than the limit of {self.max_pixels:,}: crop it or use a smaller input size"
+            )
+        return image
+
+
 class StackCrops(torch.nn.Module):
     """Turn the tuple of crops from ``TenCrop``/``FiveCrop`` into one ``(n_crops, C, H, W)`` tensor."""
 
@@ -119,7 +146,8 @@ def eval_transform(
         raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
     steps: list[v2.Transform] = [v2.ToImage()]
     if crop_pct != 1 or source_size != image_size:
-        steps.append(v2.Resize(round(image_size / crop_pct)))
+        side = round(image_size / crop_pct)  # a model with a large input may resize to more than the default limit
+        steps += [RefuseHugeResize(side, max(MAX_RESIZED_PIXELS, 4 * side * side)), v2.Resize(side)]
     if ten_crop:
         if crop_pct == 1:
             steps += [v2.CenterCrop(image_size), v2.Pad(image_size // 8)]

@@ -1,6 +1,7 @@
 """Deployment: BN folding, exports (ONNX, TorchScript, torch.export) with verified metadata, int8."""
 
 from resnetlab.export.artifacts import (
+    EXPORT_FORMATS,
     FORMATS,
     ExportedModel,
     export_model,
@@ -12,6 +13,7 @@ from resnetlab.export.artifacts import (
 from resnetlab.export.fold import fold_batchnorm
 
 __all__ = [
+    "EXPORT_FORMATS",
     "FORMATS",
     "ExportedModel",
     "export_model",

@@ -12,6 +12,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,9 @@ import torch
 
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.filetypes import CONTENTS, PROGRAMS, check_content
+from resnetlab.io import remove_leftovers, replace_with, sha256_file, write_temporary
 from resnetlab.models import ResNet, ResNetConfig
-from resnetlab.models.weights import replace_with, sha256_file, write_temporary
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2", "tflite": ".tflite",
-           "coreml": ".mlpackage"}  # fmt: skip
-MOBILE = ("tflite", "coreml")
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -60,19 +58,22 @@ def export_model(
     own checks (Core ML: spec shapes and operation count; TFLite: LiteRT against PyTorch) are kept in
     the sidecar under ``validated``.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
+    kind = EXPORT_FORMATS.get(fmt)
+    if kind is None:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {sorted(EXPORT_FORMATS)}")
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize must be 'int8', not {quantize!r}")
-    if fmt in MOBILE and fold_bn:
+    if kind.folds_bn_itself and fold_bn:
         raise ConfigError(f"the {fmt} converter folds BatchNorm itself; drop --fold-bn")
-    if quantize and fmt != "onnx":
+    if quantize and not kind.quantizable:
         raise ConfigError("int8 quantization is done with ONNX Runtime: use --format onnx")
     if quantize and calibration is None:
         raise ConfigError("int8 quantization needs calibration images (--calibration-data)")
     path = Path(path)
-    if fmt == "coreml" and path.suffix != ".mlpackage":  # coremltools insists on the suffix
-        path = path.with_suffix(".mlpackage")
+    if kind.folder and path.suffix != kind.suffix:  # coremltools insists on the suffix
+        path = path.with_suffix(kind.suffix)
+    if path.is_dir() and not kind.folder:
+        raise ConfigError(f"{path} is a folder; name the file to write, e.g. {path / ('model' + kind.suffix)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     folded = 0
     net = model.eval()
@@ -85,13 +86,15 @@ def export_model(
     # Written beside the target under a hidden name, then renamed into place with its sidecar: a failed or
     # killed export leaves the previous artifact as it was. (A Core ML package is a folder, which cannot
     # be renamed over an existing one: it is written in place.)
-    work = path if fmt == "coreml" else path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    for pattern in (f".{path.stem}.tmp-*", f".{sidecar(path).name}.tmp-*"):  # of an export that was killed
-        for leftover in path.parent.glob(pattern):
-            leftover.unlink(missing_ok=True)
+    work = path if kind.folder else path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    for leftover in path.parent.glob(f".{path.stem}.tmp-*"):  # of an export that was killed
+        leftover.unlink(missing_ok=True)
+    remove_leftovers(path.parent, [sidecar(path).name])
+    meta_tmp: Path | None = None
     try:
-        validated = _write_artifact(net, example, work, fmt, opset=opset, quantize=quantize,
-                                    calibration=calibration)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            validated = kind.write(net, example, work, opset=opset, quantize=quantize, calibration=calibration)
         meta = {
             "resnetlab_export": 1, "format": fmt, "architecture": model.name, "config": c.to_dict(),
             "fold_bn": fold_bn, "folded_pairs": folded, "quantize": quantize, "torch": torch.__version__,
@@ -104,40 +107,75 @@ def export_model(
             replace_with(work, path)
         replace_with(meta_tmp, sidecar(path))
     finally:
-        if work != path:
-            work.unlink(missing_ok=True)
+        for tmp in (work, meta_tmp):
+            if tmp is not None and tmp != path:
+                tmp.unlink(missing_ok=True)
     return path
 
 
-def _write_artifact(net: torch.nn.Module, example: torch.Tensor, path: Path, fmt: str, *, opset: int | None,
-                    quantize: str | None, calibration: torch.Tensor | None) -> dict[str, Any]:  # fmt: skip
-    """Convert ``net`` to ``fmt`` at ``path``; returns the converter's own validation facts (mobile formats)."""
+def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, *, opset: int | None,
+                quantize: str | None, calibration: torch.Tensor | None) -> dict[str, Any]:  # fmt: skip
+    target = path.with_name(path.stem + ".fp32.onnx") if quantize else path
+    try:
+        onnx_export(net, example, target, opset=opset)
+        if quantize:
+            from resnetlab.export.quantize import quantize_onnx_int8
+
+            quantize_onnx_int8(target, path, calibration)  # type: ignore[arg-type]
+    finally:
+        if quantize:
+            target.unlink(missing_ok=True)
+    return {}
+
+
+def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path, **_: Any) -> dict[str, Any]:
+    torch.jit.save(torch.jit.trace(net, example), str(path))
+    return {}
+
+
+def _write_exported_program(net: torch.nn.Module, example: torch.Tensor, path: Path, **_: Any) -> dict[str, Any]:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    validated: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if fmt == "onnx":
-            target = path.with_name(path.stem + ".fp32.onnx") if quantize else path
-            try:
-                onnx_export(net, example, target, opset=opset)
-                if quantize:
-                    from resnetlab.export.quantize import quantize_onnx_int8
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: batch},)), str(path))
+    return {}
 
-                    quantize_onnx_int8(target, path, calibration)
-            finally:
-                if quantize:
-                    target.unlink(missing_ok=True)
-        elif fmt in MOBILE:
-            from resnetlab.export import mobile
 
-            facts = (mobile.to_tflite if fmt == "tflite" else mobile.to_coreml)(net, path)
-            validated = {k: v for k, v in facts.items() if k != "path"}
-        elif fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(net, example), str(path))
-        else:
-            program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(path))
-    return validated
+def _write_mobile(converter: str) -> Callable[..., dict[str, Any]]:
+    """A writer calling ``resnetlab.export.mobile.<converter>``; returns its validation facts."""
+
+    def write(net: torch.nn.Module, example: torch.Tensor, path: Path, **_: Any) -> dict[str, Any]:
+        from resnetlab.export import mobile
+
+        facts = getattr(mobile, converter)(net, path)
+        return {k: v for k, v in facts.items() if k != "path"}
+
+    return write
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format: its file suffix, its writer ``(net, example, path, *, opset, quantize,
+    calibration) -> validation facts``, and what it supports."""
+
+    title: str
+    suffix: str
+    write: Callable[..., dict[str, Any]]
+    quantizable: bool = False  # int8 with ONNX Runtime
+    folds_bn_itself: bool = False  # the converter folds BatchNorm: --fold-bn is refused
+    folder: bool = False  # the artifact is a folder (written in place, not renamed)
+    not_here: str | None = None  # why it cannot be run (and compared with PyTorch) here, if it cannot
+
+
+#: Every export format, by its ``--format`` name: the one place to add one.
+EXPORT_FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat("ONNX", ".onnx", _write_onnx, quantizable=True),
+    "torchscript": ExportFormat("TorchScript", ".pt", _write_torchscript),
+    "exported-program": ExportFormat("torch.export", ".pt2", _write_exported_program),
+    "tflite": ExportFormat("TFLite", ".tflite", _write_mobile("to_tflite"), folds_bn_itself=True),
+    "coreml": ExportFormat("Core ML", ".mlpackage", _write_mobile("to_coreml"), folds_bn_itself=True, folder=True,
+                           not_here="Core ML needs macOS"),
+}  # fmt: skip
+#: ``--format`` name -> file suffix.
+FORMATS = {name: kind.suffix for name, kind in EXPORT_FORMATS.items()}
 
 
 def onnx_export(net: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, *,

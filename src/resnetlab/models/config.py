@@ -21,6 +21,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+#: Largest sizes a config may ask for, checked before anything is built or allocated: a config.json is read
+#: from disk and may be damaged or hostile (``layers: [1000000, 3, 3]``, ``input_size: [1, 100000, 100000]``).
+#: Every published and named model is far inside them (ResNet-1202: 600 blocks, 19 M parameters).
+LIMITS = {
+    "stages": 8,  # len(layers)
+    "blocks": 2048,  # sum(layers)
+    "width": 16384,  # each of widths, stem_channels, width_per_group
+    "groups": 1024,
+    "in_chans": 1024,
+    "num_classes": 1_000_000,
+    "input_side": 4096,  # height and width of input_size
+    "parameters": 2_000_000_000,  # estimated from the fields, before any tensor exists (8 GB as float32)
+}
+
 
 @dataclass(frozen=True)
 class ResNetConfig:
@@ -61,6 +75,7 @@ class ResNetConfig:
     label_names: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_bounds()
         if self.block not in ("basic", "bottleneck"):
             raise ConfigError(f"block must be 'basic' or 'bottleneck', not {self.block!r}")
         if self.stem not in STEM_STRIDE:
@@ -92,6 +107,52 @@ class ResNetConfig:
         for name in ("block_dropout", "drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), not {getattr(self, name)}")
+
+    def _check_bounds(self) -> None:
+        """Types and sizes within ``LIMITS`` (first, so nothing below computes with absurd values)."""
+
+        def integers(name: str, values: Any) -> tuple[int, ...]:
+            values = values if isinstance(values, tuple) else (values,)
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"{name} must be whole numbers, not {getattr(self, name)!r}")
+            return values
+
+        def at_most(name: str, values: tuple[int, ...], limit: int, what: str = "") -> None:
+            if max(values) > limit:
+                raise ConfigError(f"{name}={getattr(self, name)!r} exceeds the limit of {limit:,}{what} "
+                                  "(a damaged or hostile config?)")  # fmt: skip
+
+        layers = integers("layers", self.layers)
+        at_most("layers", (len(layers),), LIMITS["stages"], " stages")
+        at_most("layers", (sum(layers),), LIMITS["blocks"], " blocks in all")
+        for name in ("widths", "stem_channels", "width_per_group"):
+            at_most(name, integers(name, getattr(self, name)), LIMITS["width"])
+        for name in ("groups", "in_chans", "num_classes"):
+            at_most(name, integers(name, getattr(self, name)), LIMITS[name])
+        size = integers("input_size", self.input_size)
+        if len(size) != 3 or min(size) < 1:
+            raise ConfigError(f"input_size must be (channels, height, width) of positive sizes, not {self.input_size}")
+        at_most("input_size", size[1:], LIMITS["input_side"], " pixels a side")
+        params = self.estimated_params() if len(layers) == len(self.widths) and min(layers) >= 1 else 0
+        if params > LIMITS["parameters"]:
+            raise ConfigError(f"this config would have about {params:,} parameters, more than the limit of "
+                              f"{LIMITS['parameters']:,} (layers={self.layers}, widths={self.widths})")  # fmt: skip
+
+    def estimated_params(self) -> int:
+        """Parameters of the convolutions and the classifier, from the fields alone (no model is built);
+        within a few percent of ``count_params`` (norms and the stem's extras are left out)."""
+        total, channels = 49 * self.in_chans * self.stem_channels, self.stem_channels
+        for blocks, planes in zip(self.layers, self.widths):
+            out = planes * self.expansion
+            if self.block == "bottleneck":
+                width = planes * self.width_per_group // 64 * self.groups
+                first = channels * width + 9 * width * width // self.groups + width * out
+                rest = out * width + 9 * width * width // self.groups + width * out
+            else:
+                first, rest = 9 * channels * planes + 9 * planes * out, 18 * planes * out
+            total += first + channels * out + (blocks - 1) * rest  # (+ the first block's projection)
+            channels = out
+        return total + channels * self.num_classes
 
     # Derived facts
     @property

@@ -11,17 +11,16 @@ import torch
 from torch import nn
 
 from resnetlab.errors import WeightsError
+from resnetlab.io import sha256_file
 from resnetlab.models.config import ResNetConfig
+from resnetlab.models.hub import dataset_labels, fetch_weights
 from resnetlab.models.registry import MODELS, WeightsSource, get_config, resolve_name, torchvision_weights
 from resnetlab.models.resnet import FeatureExtractor, ResNet
 from resnetlab.models.weights import (
     convert_state_dict,
-    dataset_labels,
-    fetch_weights,
     load_pretrained_dir,
     load_state_dict_file,
     load_weights,
-    sha256_file,
 )
 
 PREPROCESSING = ("mean", "std", "input_size", "crop_pct", "interpolation", "label_names")

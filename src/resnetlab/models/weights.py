@@ -1,4 +1,6 @@
-"""Weights I/O: read checkpoints safely, convert other libraries' layouts, adapt heads and inputs.
+"""Weights: read checkpoints safely, convert other libraries' layouts, adapt heads and inputs, and the
+``save_pretrained`` folder layout. Hashing and atomic writes are ``resnetlab.io``'s; published weights
+(download, class names) are ``resnetlab.models.hub``'s.
 
 Formats understood (``convert_state_dict(sd, source)``; ``source="auto"`` detects from the keys):
 
@@ -15,7 +17,6 @@ Nothing here unpickles code: ``.safetensors`` or ``torch.load(weights_only=True)
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -28,28 +29,17 @@ import torch
 from torch import nn
 
 from resnetlab.errors import WeightsError
-from resnetlab.paths import cache_dir
+from resnetlab.io import atomic_write_set, error_summary, open_regular, remove_leftovers, sha256_bytes
 
 StateDict = dict[str, torch.Tensor]
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+#: A config.json larger than this is not one save_pretrained wrote (class names included).
+MAX_CONFIG_BYTES = 16 << 20
 
 
 # ---------------------------------------------------------------------------- reading files
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def error_summary(err: BaseException) -> str:
-    """``Type: first line`` of an exception, short enough for a one-line error message."""
-    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:200]
-
-
 def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     """Tensors from a ``.safetensors`` file or a PyTorch checkpoint, never executing pickled code.
 
@@ -254,121 +244,23 @@ def load_weights(model: nn.Module, sd: StateDict, *, origin: str = "checkpoint",
     model.load_state_dict(sd, strict=False)
 
 
-# ---------------------------------------------------------------------------- published weights
-def weights_search_path() -> list[Path]:
-    """Folders searched for weight files before downloading: RESNETLAB_WEIGHTS_PATH, the cache, torch hub."""
-    dirs = [Path(p) for p in os.environ.get("RESNETLAB_WEIGHTS_PATH", "").split(os.pathsep) if p]
-    return [*dirs, cache_dir() / "weights", Path(torch.hub.get_dir()) / "checkpoints"]
-
-
-def dataset_labels(dataset: str) -> tuple[str, ...]:
-    """Class names, in label order, of a dataset that published weights predict."""
-    if dataset == "imagenet-1k":  # torchvision's ImageNet metadata (the same order timm and HF use)
-        from torchvision.models import ResNet50_Weights
-
-        return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
-    if dataset == "cifar-10":
-        from resnetlab.data.cifar import CIFAR10_CLASSES
-
-        return CIFAR10_CLASSES
-    raise WeightsError(f"no class names known for dataset {dataset!r}")
-
-
-def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
-    """State dict (converted) and preprocessing overrides (with class names) for a ``registry.WeightsSource``."""
-    extra: dict[str, Any] = dict(source.config)
-    if source.labels:
-        extra.setdefault("label_names", dataset_labels(source.labels))
-    if source.kind == "torchvision":
-        from torchvision.models import get_weight
-
-        tv_weights = get_weight(source.ref)
-        extra.setdefault("label_names", tuple(tv_weights.meta["categories"]))
-        filename, url = Path(tv_weights.url).name, tv_weights.url
-    else:
-        filename, url = source.filename, source.ref
-    for folder in weights_search_path():
-        candidate = folder / local_weights_name(source, filename)
-        if candidate.is_file():
-            path = candidate
-            break
-    else:
-        path = _download(source, url, filename)
-    if source.sha256_prefix and not sha256_file(path).startswith(source.sha256_prefix):
-        raise WeightsError(f"{path} is corrupt: its sha256 does not start with {source.sha256_prefix}")
-    return convert_state_dict(load_state_dict_file(path), source.format), extra
-
-
-def local_weights_name(source: Any, filename: str) -> str:
-    """The name a weights file has in a local weights folder. Hub repos all call theirs
-    ``model.safetensors``, so those are named after the repo: ``timm--resnet50d.ra2_in1k.safetensors``."""
-    if source.kind == "hf_hub":
-        return source.ref.replace("/", "--") + Path(filename).suffix
-    return filename
-
-
-def _download(source: Any, url: str, filename: str) -> Path:
-    target = cache_dir() / "weights" / local_weights_name(source, filename)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if source.kind == "hf_hub":
-            from huggingface_hub import hf_hub_download
-
-            return Path(hf_hub_download(source.ref, filename))
-        torch.hub.download_url_to_file(url, str(target), progress=True)
-        return target
-    except Exception as err:
-        raise WeightsError(
-            f"could not download {filename} from {url if source.kind != 'hf_hub' else source.ref} "
-            f"({type(err).__name__}: {err}). Without internet, download it elsewhere and put it in "
-            f"{target.parent} as {target.name} (or in a folder listed in RESNETLAB_WEIGHTS_PATH), "
-            f"or pass pretrained=PATH"
-        ) from err
-
-
-# ---------------------------------------------------------------------------- writing files durably
-def write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in a hidden temporary file beside ``path``, flushed to disk; ``replace_with`` puts it in place.
-
-    Raises ``OSError`` (and leaves no temporary file) when the write fails, e.g. on a full disk.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def replace_with(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` over ``path`` (atomic: readers see the old file or the new one) and make it durable."""
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # fsync the folder so the rename itself survives a power cut
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 # ---------------------------------------------------------------------------- save_pretrained layout
+def config_digest(meta: dict[str, Any]) -> str:
+    """sha256 binding a model folder's architecture and config to its weights' sha256.
+
+    Recorded as ``config_sha256`` in ``config.json``: a config edited beside valid weights (say
+    ``layers: [1000000, 3, 3]``) no longer matches and is refused before any model is built."""
+    bound = {k: meta.get(k) for k in ("architecture", "config", "weights_sha256")}
+    return sha256_bytes(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode())
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (the Hugging Face layout) into ``directory``.
 
-    ``config.json`` records the sha256 of the weights. Both files are written and flushed to temporary
-    files first, then renamed into place one after the other: a crash or a full disk leaves the previous
-    folder intact (or, in the instant between the two renames, a folder that is refused as inconsistent,
-    never one that loads wrong weights).
+    ``config.json`` records the sha256 of the weights and ``config_sha256`` (``config_digest``). Both files
+    are written and flushed to temporary files first, then renamed into place one after the other: a crash
+    or a full disk leaves the previous folder intact (or, in the instant between the two renames, a folder
+    that is refused as inconsistent, never one that loads wrong weights).
     """
     from safetensors.torch import save
 
@@ -379,22 +271,16 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, extra: dict[
         "resnetlab_format": FORMAT_VERSION,
         "architecture": getattr(model, "name", None),
         "config": model.config.to_dict(),  # type: ignore[union-attr]
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "weights_sha256": sha256_bytes(weights),
         **(extra or {}),
     }
-    temporaries: list[Path] = []
+    meta["config_sha256"] = config_digest(meta)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        for leftover in directory.glob(".*.tmp-*"):  # of an earlier save that was killed
-            if leftover.name.startswith((f".{WEIGHTS_FILE}.", f".{CONFIG_FILE}.")):
-                leftover.unlink(missing_ok=True)
-        temporaries.append(write_temporary(directory / WEIGHTS_FILE, weights))
-        temporaries.append(write_temporary(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode()))
-        replace_with(temporaries[0], directory / WEIGHTS_FILE)
-        replace_with(temporaries[1], directory / CONFIG_FILE)
+        remove_leftovers(directory, [WEIGHTS_FILE, CONFIG_FILE])  # of an earlier save that was killed
+        atomic_write_set({directory / WEIGHTS_FILE: weights,
+                          directory / CONFIG_FILE: json.dumps(meta, indent=2).encode()})  # fmt: skip
     except OSError as err:
-        for tmp in temporaries:
-            tmp.unlink(missing_ok=True)
         hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
         raise WeightsError(
             f"could not save the model to {directory}{hint}: {err}; the previous files are intact"
@@ -405,12 +291,20 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, extra: dict[
 def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     try:
-        meta = json.loads(path.read_text())
+        with open_regular(path) as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise WeightsError(
+                f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not a config.json save_pretrained wrote"
+            )
+        meta = json.loads(text)
     except FileNotFoundError:
         raise WeightsError(f"{directory} is not a resnetlab model folder: {CONFIG_FILE} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"{path} is not valid JSON ({err}); it is truncated or corrupt") from err
-    if not isinstance(meta, dict) or "config" not in meta:
+    except OSError as err:
+        raise WeightsError(f"cannot read {path}: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise WeightsError(f"{path} is not valid JSON ({error_summary(err)}); it is truncated or corrupt") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise WeightsError(f"{path} has no 'config' entry: not written by save_pretrained")
     return meta
 
@@ -418,9 +312,11 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
 def load_pretrained_dir(directory: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Any], StateDict]:
     """``config.json`` and the tensors of a ``save_pretrained`` folder.
 
-    With ``verify=True`` (the default) the weights must match the sha256 recorded in ``config.json``;
-    a folder without one is refused. ``verify=False`` is for folders you assembled yourself from files
-    you trust: nothing then detects a truncated, damaged or swapped ``model.safetensors``.
+    With ``verify=True`` (the default) the weights must match the sha256 recorded in ``config.json``
+    (a folder without one is refused), and the config must match its ``config_sha256``. Folders saved
+    before resnetlab recorded ``config_sha256`` are accepted: their config is still checked against
+    ``ResNetConfig``'s size bounds before anything is built. ``verify=False`` is for folders you assembled
+    yourself from files you trust: nothing then detects a truncated, damaged or swapped file.
     """
     meta = read_pretrained_config(directory)
     config_path, weights = Path(directory) / CONFIG_FILE, Path(directory) / WEIGHTS_FILE
@@ -435,9 +331,14 @@ def load_pretrained_dir(directory: str | os.PathLike, verify: bool = True) -> tu
                 "Re-save the model with resnetlab.save_pretrained; for a folder you assembled yourself from "
                 "files you trust, load it with from_pretrained(folder, verify=False)"
             )
-        if hashlib.sha256(data).hexdigest() != expected:
+        if sha256_bytes(data) != expected:
             raise WeightsError(
                 f"{weights} is corrupt or was modified (truncated, damaged, or a save was interrupted): "
                 f"its sha256 differs from the one recorded in {config_path}"
+            )
+        if "config_sha256" in meta and meta["config_sha256"] != config_digest(meta):
+            raise WeightsError(
+                f"{config_path} was modified after the model was saved: its architecture or config no longer "
+                "matches its 'config_sha256'. Re-save the model with resnetlab.save_pretrained"
             )
     return meta, load_safetensors(data, weights)

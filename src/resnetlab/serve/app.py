@@ -36,6 +36,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from resnetlab.data.images import ImageBoundsError
 from resnetlab.errors import DataError
 from resnetlab.inference import Predictor
 from resnetlab.serve.batcher import DynamicBatcher, Overloaded
@@ -71,6 +72,8 @@ def is_image_format(data: bytes) -> bool:
 def status_for(error: DataError, data: bytes) -> int:
     """413 for a declared size over the limit (a decompression bomb), 400 for an image that cannot be
     decoded (truncated, corrupt, too thin), 415 for a body in no image format."""
+    if isinstance(error, ImageBoundsError):
+        return 400  # too thin to resize (aspect ratio), refused from its header
     if str(error).startswith("refusing image"):
         return 413
     return 400 if is_image_format(data) else 415

@@ -9,7 +9,6 @@ full disk, leaves the previous checkpoint intact. Loading refuses a truncated or
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import random
@@ -20,20 +19,11 @@ import numpy as np
 import torch
 
 from resnetlab.errors import ResNetLabError, WeightsError
-from resnetlab.models.weights import error_summary, replace_with, write_temporary
+from resnetlab.io import atomic_write_bytes, error_summary, sha256_bytes
 
 
 class CheckpointError(ResNetLabError):
     """A checkpoint could not be written (the previous one is kept)."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    try:
-        replace_with(write_temporary(path, data), path)
-    except OSError as err:
-        hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
-        raise CheckpointError(f"could not write {path}{hint}: {err}; the previous file is intact") from err
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
@@ -41,12 +31,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = sha256_bytes(payload)
     wrapped = io.BytesIO()
     torch.save({"payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8), "sha256": digest}, wrapped)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, wrapped.getvalue())
+    try:
+        atomic_write_bytes(path, wrapped.getvalue())
+    except OSError as err:
+        hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+        raise CheckpointError(f"could not write {path}{hint}: {err}; the previous file is intact") from err
     return digest
 
 
@@ -77,7 +71,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "for a plain weights file pass it as pretrained=PATH instead"
         )
     data = payload.detach().contiguous().numpy().tobytes()
-    if hashlib.sha256(data).hexdigest() != digest:
+    if sha256_bytes(data) != digest:
         raise WeightsError(f"{path} is corrupt: its content does not match its sha256")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

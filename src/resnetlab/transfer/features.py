@@ -3,13 +3,15 @@
 Images go through ``Predictor.preprocess`` (the model's own input size, crop, mean/std; every image mode
 and EXIF orientation via ``resnetlab.data.load_image``), so embeddings match what the model saw in
 training. An embeddings file ``NAME.npy`` has siblings ``NAME.csv`` (one file name per row) and
-``NAME.json`` (how it was made, so ``similar`` can embed a query the same way).
+``NAME.json`` (how it was made, so ``similar`` can embed a query the same way, and the sha256 of the two
+others, so a mixed set is detected).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resnetlab.data.images import collect_images
 from resnetlab.errors import ConfigError, DataError, InputError
 from resnetlab.inference import Predictor
+from resnetlab.io import atomic_write_set, error_summary, open_regular, remove_leftovers, sha256_bytes
 from resnetlab.models import ResNet
 
 
@@ -78,9 +82,13 @@ class Embeddings:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): reported, not embedded
 
     def save(self, out: str | os.PathLike) -> Path:
-        """``out.npy`` + ``out.csv`` + ``out.json``, or ``out.parquet`` (needs pandas + pyarrow) + ``out.json``."""
+        """``out.npy`` + ``out.csv`` + ``out.json``, or ``out.parquet`` (needs pandas + pyarrow) + ``out.json``.
+
+        The files are written as a set (``resnetlab.io.atomic_write_set``: temporary files, fsync, renames),
+        and the .json records the sha256 of the others (``content_sha256``), so ``load`` refuses a set that
+        an interrupted run left mixed instead of pairing new vectors with old file names.
+        """
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".parquet":
             try:
                 import pandas as pd
@@ -88,37 +96,112 @@ class Embeddings:
             except ImportError as err:
                 raise ConfigError("writing parquet needs pandas and pyarrow: pip install 'resnetlab[parquet]'; "
                                   "or use --out NAME.npy") from err  # fmt: skip
-            pd.DataFrame({"file": self.files, "embedding": list(self.vectors)}).to_parquet(out)
+            buffer = io.BytesIO()
+            pd.DataFrame({"file": self.files, "embedding": list(self.vectors)}).to_parquet(buffer)
+            contents = {out: buffer.getvalue()}
         else:
             out = _npy_path(out)
-            np.save(out, self.vectors)
-            with open(out.with_suffix(".csv"), "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["index", "file"])
-                writer.writerows(enumerate(self.files))
-        out.with_suffix(".json").write_text(json.dumps({**self.meta, "count": len(self.files),
-                                                        "dim": int(self.vectors.shape[1])}, indent=1))  # fmt: skip
+            buffer = io.BytesIO()
+            np.save(buffer, self.vectors, allow_pickle=False)
+            table = io.StringIO(newline="")
+            writer = csv.writer(table)
+            writer.writerow(["index", "file"])
+            writer.writerows(enumerate(self.files))
+            # surrogateescape: a file name that is not UTF-8 is written as its own bytes, and read back so
+            csv_bytes = table.getvalue().encode("utf-8", "surrogateescape")
+            contents = {out: buffer.getvalue(), out.with_suffix(".csv"): csv_bytes}
+        meta = {**self.meta, "count": len(self.files), "dim": int(self.vectors.shape[1]),
+                "content_sha256": {p.suffix: sha256_bytes(data) for p, data in contents.items()}}  # fmt: skip
+        contents[out.with_suffix(".json")] = json.dumps(meta, indent=1).encode()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(out.parent, [p.name for p in contents])
+            atomic_write_set(contents)
+        except OSError as err:
+            raise DataError(f"could not write the embeddings {out}: {err}; files already there are intact") from err
         return out
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Embeddings:
+        """Read an index written by ``save``; ``DataError`` naming the file for a missing, truncated or
+        malformed one, or for a set whose files do not belong together (their sha256 differs from the
+        one the .json recorded). Indexes saved before the .json recorded sha256 are checked for equal
+        row counts only."""
         path = Path(path)
-        meta_path = path.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if path.suffix != ".parquet":
+            path = _npy_path(path)
+        parts = [path] if path.suffix == ".parquet" else [path, path.with_suffix(".csv")]
+        if not all(p.is_file() for p in parts):
+            raise DataError(f"no embeddings index at {path}{'' if len(parts) == 1 else ' (+ .csv)'}; "
+                            "make one with `resnetlab features`")  # fmt: skip
+        meta = _read_meta(path.with_suffix(".json"))
+        contents = {p: _read_bytes(p) for p in parts}
+        recorded = meta.get("content_sha256")
+        if recorded is not None:
+            found = {p.suffix: sha256_bytes(data) for p, data in contents.items()}
+            if recorded != found:
+                raise DataError(
+                    f"{', '.join(p.name for p in parts)} and {path.with_suffix('.json').name} do not belong "
+                    "together (a `features` run was interrupted, or a file was replaced): re-run `resnetlab features`"
+                )
         if path.suffix == ".parquet":
-            import pandas as pd
-
-            frame = pd.read_parquet(path)
-            return cls(np.stack(frame["embedding"].to_numpy()), frame["file"].tolist(), meta)
-        path = _npy_path(path)
-        if not path.is_file() or not path.with_suffix(".csv").is_file():
-            raise DataError(f"no embeddings index at {path} (+ .csv); make one with `resnetlab features`")
-        with open(path.with_suffix(".csv"), newline="") as f:
-            files = [row["file"] for row in csv.DictReader(f)]
-        vectors = np.load(path, allow_pickle=False)
+            vectors, files = _parse_parquet(path, contents[path])
+        else:
+            vectors, files = _parse_npy(path, contents[path]), _parse_csv(parts[1], contents[parts[1]])
         if len(vectors) != len(files):
-            raise DataError(f"{path} has {len(vectors)} rows but its .csv lists {len(files)} files")
+            raise DataError(f"{path} has {len(vectors)} rows but its file list has {len(files)} names")
         return cls(vectors, files, meta)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with open_regular(path) as f:
+            return f.read()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The .json sidecar of an index ({} when there is none: ``similar`` then says what is missing)."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(_read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise DataError(f"{path} is not valid JSON ({error_summary(err)}): re-run `resnetlab features`") from err
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is not an embeddings sidecar (a JSON object): re-run `resnetlab features`")
+    return meta
+
+
+def _parse_npy(path: Path, data: bytes) -> np.ndarray:
+    try:
+        vectors = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path} is not a readable .npy file, truncated or corrupt ({error_summary(err)})") from err
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.number):
+        raise DataError(f"{path} holds a {vectors.dtype} array of shape {vectors.shape}, not embeddings (N, dim)")
+    return vectors
+
+
+def _parse_csv(path: Path, data: bytes) -> list[str]:
+    try:
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+        if "file" not in (reader.fieldnames or []):
+            raise DataError(f"{path} has no 'file' column (found: {reader.fieldnames}); re-run `resnetlab features`")
+        return [row["file"] for row in reader]
+    except csv.Error as err:
+        raise DataError(f"{path} is not a readable CSV ({error_summary(err)})") from err
+
+
+def _parse_parquet(path: Path, data: bytes) -> tuple[np.ndarray, list[str]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(io.BytesIO(data))
+        return np.stack(frame["embedding"].to_numpy()), frame["file"].tolist()
+    except Exception as err:  # pyarrow raises many types for a damaged file
+        raise DataError(f"{path} is not a readable embeddings parquet ({error_summary(err)})") from err
 
 
 def _npy_path(path: Path) -> Path:
@@ -161,8 +244,14 @@ def extract_features(
     return Embeddings(vectors, names, meta, failed)
 
 
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise InputError(f"k (--top-k) must be at least 1, not {k}")
+
+
 def nearest(index: Embeddings, queries: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
     """The ``k`` most cosine-similar indexed files for each query vector, best first."""
+    _check_k(k)
     if index.vectors.shape[1] != queries.shape[1]:
         raise InputError(f"query embeddings have {queries.shape[1]} dims, the index {index.vectors.shape[1]}; "
                          "embed queries with the index's model and stage")  # fmt: skip
@@ -187,8 +276,7 @@ def similar_images(
     ``source`` must be the model the index records: the index only checks it, it never chooses what is
     loaded (a doctored index could otherwise make the tool open any file). ``load_options``: those of
     ``resnetlab.sources.load_model`` (``pretrained``, ``allow_program``, ``random_init``)."""
-    from resnetlab.cli.predict import collect_images
-
+    _check_k(k)  # before any model is loaded
     index = Embeddings.load(index_path)
     if "source" not in index.meta:
         raise DataError(f"{index_path} has no .json sidecar naming its model; re-create it with `resnetlab features`")

@@ -1,0 +1,102 @@
+"""Published weights: where they are looked for, how they are downloaded and verified, and their labels.
+
+``fetch_weights(source)`` takes a ``registry.WeightsSource``: it looks for the file in the local weights
+folders (``weights_search_path``), downloads it otherwise, checks its sha256 prefix, converts its layout to
+resnetlab's and returns the preprocessing and class names the weights were trained with.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resnetlab.errors import WeightsError
+from resnetlab.io import sha256_file
+from resnetlab.models.weights import StateDict, convert_state_dict, load_state_dict_file
+from resnetlab.paths import cache_dir
+
+#: CIFAR-10's class names in label order (the order of the official ``batches.meta``).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def weights_search_path() -> list[Path]:
+    """Folders searched for weight files before downloading: RESNETLAB_WEIGHTS_PATH, the cache, torch hub."""
+    dirs = [Path(p) for p in os.environ.get("RESNETLAB_WEIGHTS_PATH", "").split(os.pathsep) if p]
+    return [*dirs, cache_dir() / "weights", Path(torch.hub.get_dir()) / "checkpoints"]
+
+
+def _imagenet_labels() -> tuple[str, ...]:
+    """torchvision's ImageNet metadata (the same order timm and Hugging Face use)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+#: Class names of the datasets published weights predict, by the ``labels`` of a ``WeightsSource``.
+LABELS: dict[str, Callable[[], tuple[str, ...]]] = {
+    "imagenet-1k": _imagenet_labels,
+    "cifar-10": lambda: CIFAR10_CLASSES,
+}
+
+
+def dataset_labels(dataset: str) -> tuple[str, ...]:
+    """Class names, in label order, of a dataset that published weights predict."""
+    if dataset not in LABELS:
+        raise WeightsError(f"no class names known for dataset {dataset!r}; known: {sorted(LABELS)}")
+    return LABELS[dataset]()
+
+
+def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
+    """State dict (converted) and preprocessing overrides (with class names) for a ``registry.WeightsSource``."""
+    extra: dict[str, Any] = dict(source.config)
+    if source.labels:
+        extra.setdefault("label_names", dataset_labels(source.labels))
+    if source.kind == "torchvision":
+        from torchvision.models import get_weight
+
+        tv_weights = get_weight(source.ref)
+        extra.setdefault("label_names", tuple(tv_weights.meta["categories"]))
+        filename, url = Path(tv_weights.url).name, tv_weights.url
+    else:
+        filename, url = source.filename, source.ref
+    for folder in weights_search_path():
+        candidate = folder / local_weights_name(source, filename)
+        if candidate.is_file():
+            path = candidate
+            break
+    else:
+        path = _download(source, url, filename)
+    if source.sha256_prefix and not sha256_file(path).startswith(source.sha256_prefix):
+        raise WeightsError(f"{path} is corrupt: its sha256 does not start with {source.sha256_prefix}")
+    return convert_state_dict(load_state_dict_file(path), source.format), extra
+
+
+def local_weights_name(source: Any, filename: str) -> str:
+    """The name a weights file has in a local weights folder. Hub repos all call theirs
+    ``model.safetensors``, so those are named after the repo: ``timm--resnet50d.ra2_in1k.safetensors``."""
+    if source.kind == "hf_hub":
+        return source.ref.replace("/", "--") + Path(filename).suffix
+    return filename
+
+
+def _download(source: Any, url: str, filename: str) -> Path:
+    target = cache_dir() / "weights" / local_weights_name(source, filename)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if source.kind == "hf_hub":
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(source.ref, filename))
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+        return target
+    except Exception as err:
+        raise WeightsError(
+            f"could not download {filename} from {url if source.kind != 'hf_hub' else source.ref} "
+            f"({type(err).__name__}: {err}). Without internet, download it elsewhere and put it in "
+            f"{target.parent} as {target.name} (or in a folder listed in RESNETLAB_WEIGHTS_PATH), "
+            f"or pass pretrained=PATH"
+        ) from err
