@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_json_flag, format_table, print_json
-from resnetlab.models import list_models, model_info
+from resnetlab.cli.common import add_json_flag, format_table, positive_int, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the named architectures", description=models.__doc__)
+    p = sub.add_parser("models", description=models.__doc__)
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*' or '*wrn*'")
     add_json_flag(p)
     p.set_defaults(func=models)
 
-    p = sub.add_parser("info", help="describe one architecture stage by stage", description=info.__doc__)
+    p = sub.add_parser("info", description=info.__doc__)
     p.add_argument("name")
-    p.add_argument("--image-size", type=int, help="input side for FLOPs and output shapes (default: the model's)")
+    p.add_argument(
+        "--image-size", type=positive_int, help="input side for FLOPs and output shapes (default: the model's)"
+    )
     add_json_flag(p)
     p.set_defaults(func=info)
 
 
 def models(args: argparse.Namespace) -> int:
     """A table of every named model: parameters, GFLOPs at its default input size, block and shortcut."""
-    infos = [model_info(name) for name in list_models(args.pattern)]
+    from resnetlab.catalog import model_catalog  # precomputed: no torch to import, no network to build
+
+    infos = model_catalog(args.pattern)
     if args.json:
         print_json({"models": infos})
         return 0
@@ -43,6 +46,8 @@ def models(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     """Per-stage table (blocks, channels, stride, output shape) and the model's facts."""
+    from resnetlab.models import model_info
+
     size = (3, args.image_size, args.image_size) if args.image_size else None
     i = model_info(args.name, input_size=size)
     if args.json:
