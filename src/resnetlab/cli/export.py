@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json
+from resnetlab.cli.common import add_json_flag, add_model_source, positive_int, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a model (onnx, torchscript, exported-program, tflite, coreml)",
+    p = sub.add_parser("export",
                        description="Export, then check the artifact against PyTorch on random inputs.")  # fmt: skip
     add_model_source(p)
     p.add_argument("--format", default="onnx",
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convolutions")
     p.add_argument("--quantize", choices=["int8"], help="static int8 quantization (ONNX Runtime)")
     p.add_argument("--calibration-data", help="dataset for int8 calibration (default: the training data)")
-    p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--calibration-images", type=positive_int, default=256)
     add_json_flag(p)
     p.set_defaults(func=export)
 

@@ -6,19 +6,26 @@ import argparse
 import sys
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json
+from resnetlab.cli.common import (
+    add_batch_size,
+    add_device,
+    add_json_flag,
+    add_model_source,
+    non_negative_int,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("features", help="embed images (pooled features) into .npy + .csv or parquet",
+    p = sub.add_parser("features",
                        description="One embedding per image, preprocessed as the model expects. Unreadable "
                        "files are reported and skipped.")  # fmt: skip
     add_model_source(p)
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="NAME.npy (+ NAME.csv, NAME.json) or NAME.parquet")
-    p.add_argument("--stage", type=int, help="pool this stage instead of the last (0 = stem, 1..N)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--stage", type=non_negative_int, help="pool this stage instead of the last (0 = stem, 1..N)")
+    add_batch_size(p, 32)
+    add_device(p)
     add_json_flag(p)
     p.set_defaults(func=features)
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.cli.common import add_device, add_json_flag, positive_int, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("similar", help="find the indexed images most similar to query images",
+    p = sub.add_parser("similar",
                        description="Embeds the queries with the index's own model and stage, then ranks the "
                        "index by cosine similarity.")  # fmt: skip
     p.add_argument("queries", nargs="+", help="query image files and/or folders")
     p.add_argument("--index", required=True, help="embeddings file from `resnetlab features` (.npy or .parquet)")
-    p.add_argument("-k", "--top-k", type=int, default=5)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("-k", "--top-k", type=positive_int, default=5, help="matches per query (default 5)")
+    add_device(p)
     add_json_flag(p)
     p.set_defaults(func=similar)
 
