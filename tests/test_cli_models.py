@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from resnetlab.cli.main import main
 
 
@@ -24,3 +26,27 @@ def test_info_and_unknown_name(capsys) -> None:
     assert "layer3" in capsys.readouterr().out
     assert main(["info", "resnet05"]) == 1
     assert "Did you mean" in capsys.readouterr().err
+
+
+def test_the_shipped_model_catalog_matches_the_model_sources() -> None:
+    """`resnetlab models` reads catalog.json instead of building every network (6 s -> 0.1 s). If this fails,
+    resnetlab/models changed: regenerate with `python -m resnetlab.catalog` (until then the CLI computes live)."""
+    from resnetlab.catalog import CATALOG, models_source_hash
+
+    assert json.loads(CATALOG.read_text())["source_sha256"] == models_source_hash(), "run python -m resnetlab.catalog"
+
+
+@pytest.mark.slow
+def test_the_shipped_model_catalog_is_what_model_info_says() -> None:
+    from resnetlab.catalog import CATALOG, build_catalog
+
+    assert json.loads(CATALOG.read_text()) == build_catalog(), "stale: run `python -m resnetlab.catalog`"
+
+
+def test_a_stale_catalog_is_not_used(tmp_path, monkeypatch) -> None:
+    from resnetlab import catalog
+
+    stale = tmp_path / "catalog.json"
+    stale.write_text(json.dumps({"source_sha256": "old", "models": [{"name": "resnet50", "params": 1}]}))
+    monkeypatch.setattr(catalog, "CATALOG", stale)
+    assert catalog.model_catalog("resnet50")[0]["params"] == 25_557_032

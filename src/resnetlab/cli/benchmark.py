@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.cli.common import add_device, add_json_flag, non_negative_int, positive_int, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from resnetlab.benchmark import BACKENDS, DTYPES
     from resnetlab.export.artifacts import ORT_OPTIMIZATION
 
-    p = sub.add_parser("benchmark", help="throughput, latency percentiles and memory vs torchvision",
+    p = sub.add_parser("benchmark",
                        description="Synthetic inputs; torchvision's model of the same name is measured in the "
                                    "same run (eager, and on the same backend) when it exists.")  # fmt: skip
     p.add_argument("--model", default="resnet50")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--image-size", type=int, help="input side (default: the model's)")
+    p.add_argument("--batch", type=positive_int, default=16, help="images per batch (default 16)")
+    p.add_argument("--image-size", type=positive_int, help="input side (default: the model's)")
     p.add_argument("--backend", default="eager", choices=BACKENDS)
     p.add_argument("--compile", dest="backend", action="store_const", const="compile",
                    help="shorthand for --backend compile (torch.compile)")  # fmt: skip
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD)")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="bfloat16: autocast for every contestant (eager and compile backends)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for every contestant")
@@ -37,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=ORT_OPTIMIZATION,
         help="ONNX Runtime graph optimisation level (default: all, ONNX Runtime's own default)",
     )
-    p.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: torch's)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed iterations first (default 3)")
+    p.add_argument("--iters", type=positive_int, default=10, help="timed iterations (default 10)")
     p.add_argument("--no-compare", dest="compare", action="store_false", help="skip the torchvision yardsticks")
     add_json_flag(p)
     p.set_defaults(func=run)

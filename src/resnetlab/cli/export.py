@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
+from resnetlab.cli.common import add_json_flag, add_model_source, positive_int, print_json, source_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from resnetlab.export.artifacts import EXPORT_FORMATS  # the one table of formats
 
-    p = sub.add_parser("export", help=f"export a model ({', '.join(EXPORT_FORMATS)})",
+    p = sub.add_parser("export",
                        description="Export, then check the artifact against PyTorch on random inputs.")  # fmt: skip
     add_model_source(p)
     p.add_argument("--format", default="onnx", choices=list(EXPORT_FORMATS),
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convolutions")
     p.add_argument("--quantize", choices=["int8"], help="static int8 quantization (ONNX Runtime)")
     p.add_argument("--calibration-data", help="dataset for int8 calibration (default: the training data)")
-    p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--calibration-images", type=positive_int, default=256)
     add_json_flag(p)
     p.set_defaults(func=export)
 

@@ -6,19 +6,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
+from resnetlab.cli.common import (
+    add_batch_size,
+    add_device,
+    add_json_flag,
+    add_model_source,
+    display_path,
+    non_negative_int,
+    print_json,
+    source_options,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("features", help="embed images (pooled features) into .npy + .csv or parquet",
+    p = sub.add_parser("features",
                        description="One embedding per image, preprocessed as the model expects. Unreadable "
                        "files are reported and skipped.")  # fmt: skip
     add_model_source(p)
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="NAME.npy (+ NAME.csv, NAME.json) or NAME.parquet")
-    p.add_argument("--stage", type=int, help="pool this stage instead of the last (0 = stem, 1..N)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--stage", type=non_negative_int, help="pool this stage instead of the last (0 = stem, 1..N)")
+    add_batch_size(p, 32)
+    add_device(p)
     add_json_flag(p)
     p.set_defaults(func=features)
 
@@ -38,7 +47,7 @@ def features(args: argparse.Namespace) -> int:
                            pretrained=args.pretrained)  # fmt: skip
     out = embeddings.save(args.out)
     for path, reason in embeddings.failed:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"skipped {display_path(path)}: {display_path(reason)}", file=sys.stderr)
     summary = {"out": str(out), "count": len(embeddings.files), "dim": int(embeddings.vectors.shape[1]),
                "skipped": [{"file": f, "reason": r} for f, r in embeddings.failed]}  # fmt: skip
     if args.json:

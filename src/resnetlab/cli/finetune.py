@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_json_flag, print_json
-from resnetlab.train.config import load_recipe, parse_set_option
+from resnetlab.cli.common import (
+    add_json_flag,
+    add_training_options,
+    check_run_dir,
+    non_negative_int,
+    positive_float,
+    print_json,
+    run_options,
+    training_overrides,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "finetune", help="fine-tune a pretrained model on a dataset (new head for its classes)",
+        "finetune",
         description="SOURCE: a resnetlab run/model folder or checkpoint (its architecture and input size are "
         "kept); a published weights file (recognised by its sha256); a torchvision/timm/Hugging Face "
         "weights file (with --model); a torchvision weights name (ResNet50_Weights.IMAGENET1K_V2); or a "
@@ -24,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["linear", "partial", "full"],
         help="linear probe, partial (freeze stem + --freeze-stages stages), or full (default)",
     )
-    p.add_argument("--freeze-stages", type=int, help="stages kept frozen in partial mode (default 0)")
+    p.add_argument("--freeze-stages", type=non_negative_int, help="stages kept frozen in partial mode (default 0)")
     p.add_argument(
         "--bn",
         choices=["train", "eval", "frozen"],
@@ -32,12 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--lr-decay",
-        type=float,
+        type=positive_float,
         help="discriminative lr: each part below the head gets this factor more (e.g. 0.5; default 1)",
     )
     p.add_argument(
         "--unfreeze-every",
-        type=int,
+        type=non_negative_int,
         help="gradual unfreezing: one more stage (from the top) every N epochs (default 0: off)",
     )
     p.add_argument(
@@ -46,10 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continue an interrupted fine-tuning run with its saved strategy and config",
     )
     p.add_argument("--recipe", help="training recipe (default: finetune)")
-    for flag, kind in (("epochs", int), ("max_iters", int), ("batch_size", int), ("lr", float),
-                       ("image_size", int), ("device", str), ("seed", int), ("run_dir", str)):  # fmt: skip
-        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other training option")
+    add_training_options(p, skip=("model", "data", "pretrained"))  # the same spelling as in `resnetlab train`
     add_json_flag(p)
     p.set_defaults(func=finetune)
 
@@ -59,13 +64,14 @@ STRATEGY_FLAGS = ("mode", "freeze_stages", "bn", "lr_decay", "unfreeze_every")
 
 def finetune(args: argparse.Namespace) -> int:
     from resnetlab.errors import ConfigError
+    from resnetlab.train.config import load_recipe
     from resnetlab.train.engine import saved_config
     from resnetlab.transfer import FinetuneStrategy
     from resnetlab.transfer import finetune as run_finetune
 
-    overrides = dict(parse_set_option(item) for item in args.set)
-    flags = ("epochs", "max_iters", "batch_size", "lr", "image_size", "device", "seed", "run_dir")
-    overrides.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    overrides = training_overrides(args)  # with --model and --data: the same TrainConfig fields
+    if "pretrained" in overrides:
+        raise ConfigError("name the starting weights with --from, not --set pretrained=...")
     chosen = {k: getattr(args, k) for k in STRATEGY_FLAGS if getattr(args, k) is not None}
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in ("source", "data", "model", *STRATEGY_FLAGS)
@@ -73,16 +79,15 @@ def finetune(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"--resume continues the run with its saved source, data and strategy; drop "
                               f"{' '.join(given).replace('--source', '--from')}")  # fmt: skip
-        if args.json:
-            overrides.setdefault("progress", False)
-        result = run_finetune(saved_config(args.resume).replace(**overrides), resume=args.resume)
+        result = run_finetune(saved_config(args.resume).replace(**overrides), resume=args.resume,
+                              **run_options(args))  # fmt: skip
     else:
-        if args.source is None or args.data is None:
+        if args.source is None or "data" not in overrides:
             raise ConfigError("resnetlab finetune needs --from SOURCE and --data DATASET (or --resume RUN_DIR)")
         source = None if args.source.lower() == "none" else args.source
-        cfg = load_recipe(args.recipe or "finetune", data=args.data, pretrained=source, progress=not args.json,
-                          **({"model": args.model} if args.model else {}), **overrides)  # fmt: skip
-        result = run_finetune(cfg, FinetuneStrategy(**chosen))
+        cfg = load_recipe(args.recipe or "finetune", **overrides, pretrained=source)
+        check_run_dir(cfg)
+        result = run_finetune(cfg, FinetuneStrategy(**chosen), **run_options(args))
     if args.json:
         print_json({**result.summary(), "history": result.history})
     elif result.selected == "best-val":

@@ -5,21 +5,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from resnetlab.cli.common import add_json_flag, format_table, print_json
-from resnetlab.models import MODELS, list_models, model_info
+from resnetlab.cli.common import add_json_flag, format_table, positive_int, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the named architectures", description=models.__doc__)
+    p = sub.add_parser("models", description=models.__doc__)
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*' or '*wrn*'")
     p.add_argument("--pretrained", action="store_true", help="only the models with published weights")
     p.add_argument("--markdown", action="store_true", help="a Markdown table with each source paper (docs/models.md)")
     add_json_flag(p)
     p.set_defaults(func=models)
 
-    p = sub.add_parser("info", help="describe one architecture stage by stage", description=info.__doc__)
+    p = sub.add_parser("info", description=info.__doc__)
     p.add_argument("name")
-    p.add_argument("--image-size", type=int, help="input side for FLOPs and output shapes (default: the model's)")
+    p.add_argument(
+        "--image-size", type=positive_int, help="input side for FLOPs and output shapes (default: the model's)"
+    )
     add_json_flag(p)
     p.set_defaults(func=info)
 
@@ -27,13 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def models(args: argparse.Namespace) -> int:
     """A table of every named model: parameters, GMACs (billions of multiply-adds, the figure torchvision and
     timm call GFLOPS) at its default input size, block, shortcut and weight tags."""
-    infos = [model_info(name) for name in list_models(args.pattern, pretrained=args.pretrained)]
+    from resnetlab.catalog import model_catalog  # precomputed: no torch to import, no network to build
+
+    # --markdown: in the table's order, family by family, the plain twins last
+    infos = model_catalog(args.pattern, pretrained=args.pretrained, table_order=args.markdown)
     if args.json:
         print_json({"models": infos})
         return 0
-    if args.markdown:  # in the table's order: family by family, the plain twins last
-        order = {name: i for i, name in enumerate(MODELS)}
-        print(markdown_table(sorted(infos, key=lambda i: order[i["name"]])))
+    if args.markdown:
+        print(markdown_table(infos))
         return 0
     rows = []
     for i in infos:
@@ -60,6 +63,8 @@ def markdown_table(infos: list[dict[str, Any]]) -> str:
 
 def info(args: argparse.Namespace) -> int:
     """Per-stage table (blocks, channels, stride, output shape) and the model's facts."""
+    from resnetlab.models import model_info
+
     size = (3, args.image_size, args.image_size) if args.image_size else None
     i = model_info(args.name, input_size=size)
     if args.json:

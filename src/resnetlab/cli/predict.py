@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from pathlib import Path
+from typing import Any
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
+from resnetlab.cli.common import (
+    add_batch_size,
+    add_device,
+    add_json_flag,
+    add_model_source,
+    check_output_file,
+    display_path,
+    positive_int,
+    print_json,
+    source_options,
+)
+from resnetlab.errors import DataError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify images with a trained model",
-                       description="Top-k labels with probabilities. Preprocessing comes from the model.")  # fmt: skip
+    p = sub.add_parser("predict", description="Top-k labels with probabilities. Preprocessing comes from the model.")
     add_model_source(p, exports=True)
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--top-k", type=positive_int, default=5, help="labels per image (default 5)")
+    add_batch_size(p, 32)
+    add_device(p)
     p.add_argument(
         "--csv",
         type=Path,
@@ -37,25 +49,42 @@ def default_csv(folder: Path = Path()) -> Path:
     return path
 
 
+def _write_csv(path: Path, done: list[tuple[str, Any]], top_k: int) -> None:
+    """One row per image, written whole or not at all (a failure never leaves a partial file)."""
+    from resnetlab.train.checkpoint import atomic_write_bytes
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["file", *[f"{kind}{i + 1}" for i in range(top_k) for kind in ("label", "prob")]])
+    for name, prediction in done:
+        cells = [v for lab, p in zip(prediction.labels, prediction.probabilities) for v in (lab, f"{p:.6f}")]
+        writer.writerow([name, *cells])
+    atomic_write_bytes(path, text.getvalue().encode())
+
+
 def predict(args: argparse.Namespace) -> int:
     """Classify every image; unreadable files are reported on stderr and skipped."""
-    from resnetlab.data.images import collect_images
+    from resnetlab.data.images import IMAGE_SUFFIXES, collect_images
     from resnetlab.inference import Predictor
 
     files = collect_images(args.inputs)
+    if not files:
+        raise DataError(f"no images in {', '.join(args.inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     csv_path = args.csv or (default_csv() if any(Path(i).is_dir() for i in args.inputs) else None)
+    if csv_path:  # before predicting: a path that cannot be written would lose every prediction
+        check_output_file(csv_path, "--csv")
     predictor = Predictor.load(args.source, device=args.device, **source_options(args))
     done, failed = predictor.predict_files(files, batch_size=args.batch_size, top_k=args.top_k,
                                            progress=not args.json and len(files) > args.batch_size)  # fmt: skip
+    # A file name that is not UTF-8 is shown with \x escapes; printing it as is would crash half-way.
+    done = [(display_path(name), prediction) for name, prediction in done]
+    failed = [(display_path(name), display_path(reason)) for name, reason in failed]
     for path, reason in failed:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not done:
+        raise DataError(f"none of the {len(failed)} input(s) could be read as an image")
     if csv_path:
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", *[f"{kind}{i + 1}" for i in range(args.top_k) for kind in ("label", "prob")]])
-            for path, prediction in done:
-                cells = [v for lab, p in zip(prediction.labels, prediction.probabilities) for v in (lab, f"{p:.6f}")]
-                writer.writerow([path, *cells])
+        _write_csv(csv_path, done, args.top_k)
     if args.json:
         print_json({"predictions": [{"file": path, **p.to_dict()} for path, p in done],
                     "skipped": [{"file": path, "reason": reason} for path, reason in failed],

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_json_flag, print_json
+from resnetlab.cli.common import add_json_flag, positive_int, print_json, seed_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe", help="score embeddings: k-NN, logistic regression, retrieval precision@k",
+    p = sub.add_parser("probe",
                        description="Fits scikit-learn classifiers on the train embeddings and scores them on "
                        "the val embeddings (both from `resnetlab features`); classes are the images' parent "
                        "folders. Retrieval precision@k ranks train images as `resnetlab similar` does.")  # fmt: skip
     p.add_argument("--train", required=True, help="embeddings of the labelled images (.npy or .parquet)")
     p.add_argument("--val", required=True, help="embeddings of the images to score")
-    p.add_argument("-k", type=int, nargs="+", default=[1, 5, 10], help="neighbours for k-NN and precision@k")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-k", type=positive_int, nargs="+", default=[1, 5, 10], help="neighbours for k-NN and precision@k")
+    p.add_argument("--seed", type=seed_int, default=0)
     add_json_flag(p)
     p.set_defaults(func=probe)
 

@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_model_source, source_options
+from resnetlab.cli.common import (
+    add_device,
+    add_model_source,
+    port_number,
+    positive_float,
+    positive_int,
+    source_options,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="HTTP inference with dynamic batching (FastAPI + uvicorn)",
+    p = sub.add_parser("serve",
                        description="POST an image to /predict, get JSON top-k. See docs/serving.md.")  # fmt: skip
     add_model_source(p, exports=True)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-batch", type=int, default=32, help="largest batch of concurrent requests")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    p.add_argument("--max-body-mb", type=float, default=10.0, help="largest accepted request body")
-    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client may stall mid-upload")
-    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client may take to send a body")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client may take to send headers")
-    p.add_argument("--max-concurrent", type=int, default=64, help="/predict requests in flight (more get 503)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for the model (more get 503)")
-    p.add_argument("--max-mpx", type=float, default=50.0, help="largest image accepted, in megapixels")
+    p.add_argument("--port", type=port_number, default=8000)
+    add_device(p)
+    p.add_argument("--max-batch", type=positive_int, default=32, help="largest batch of concurrent requests")
+    p.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-body-mb", type=positive_float, default=10.0, help="largest accepted request body")
+    p.add_argument("--read-timeout", type=positive_float, default=10.0, help="seconds a client may stall mid-upload")
+    p.add_argument("--body-timeout", type=positive_float, default=60.0, help="seconds a client may take to send a body")
+    p.add_argument(
+        "--header-timeout", type=positive_float, default=10.0, help="seconds a client may take to send headers"
+    )
+    p.add_argument("--max-concurrent", type=positive_int, default=64, help="/predict requests in flight (more get 503)")
+    p.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting for the model (more get 503)")
+    p.add_argument("--max-mpx", type=positive_float, default=50.0, help="largest image accepted, in megapixels")
     p.set_defaults(func=run)
 
 

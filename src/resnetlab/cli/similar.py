@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from resnetlab.cli.common import add_json_flag, add_model_source, print_json, source_options
+from resnetlab.cli.common import (
+    add_device,
+    add_json_flag,
+    add_model_source,
+    display_path,
+    positive_int,
+    print_json,
+    source_options,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("similar", help="find the indexed images most similar to query images",
+    p = sub.add_parser("similar",
                        description="Embeds the queries with --from (the model the index was made with) at the "
                        "index's stage, then ranks the index by cosine similarity.")  # fmt: skip
     p.add_argument("queries", nargs="+", help="query image files and/or folders")
     p.add_argument("--index", required=True, help="embeddings file from `resnetlab features` (.npy or .parquet)")
     add_model_source(p)  # the model is named here: an index file never chooses what is loaded
-    p.add_argument("-k", "--top-k", type=int, default=5)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("-k", "--top-k", type=positive_int, default=5, help="matches per query (default 5)")
+    add_device(p)
     add_json_flag(p)
     p.set_defaults(func=similar)
 
@@ -31,9 +39,9 @@ def similar(args: argparse.Namespace) -> int:
                     "skipped": [{"file": f, "reason": r} for f, r in failed]})  # fmt: skip
         return 0
     for query, matches in results:
-        print(query)
+        print(display_path(query))
         for file, score in matches:
-            print(f"  {score:.4f}  {file}")
+            print(f"  {score:.4f}  {display_path(file)}")
     for path, reason in failed:
-        print(f"skipped {path}: {reason}")
+        print(f"skipped {display_path(path)}: {display_path(reason)}")
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from resnetlab.errors import DataError
-from resnetlab.io import NotRegularFileError, is_utf8_name, open_regular, printable_name
+from resnetlab.io import NotRegularFileError, open_regular, printable_name
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
@@ -163,8 +162,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """The image files named by ``inputs``: files as given, folders searched recursively (regular files with
-    an image extension, sorted). Names that are not valid UTF-8 cannot be reported or written to a CSV,
-    so they are left out with one warning saying to rename them."""
+    an image extension, sorted). Names that are not valid UTF-8 are kept (Python holds their bytes as
+    surrogates): show them with ``resnetlab.io.printable_name``, which writes those bytes as ``\\xNN``."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -173,9 +172,4 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(item)
         else:
             raise DataError(f"no such file or folder: {printable_name(item)}")
-    unnamed = [f for f in files if not is_utf8_name(f)]
-    if unnamed:
-        shown = ", ".join(printable_name(f) for f in unnamed[:5]) + (" ..." if len(unnamed) > 5 else "")
-        warnings.warn(f"skipped {len(unnamed)} file(s) whose names are not valid UTF-8 (rename them): {shown}",
-                      UserWarning, stacklevel=2)  # fmt: skip
-    return [f for f in files if is_utf8_name(f)]
+    return files

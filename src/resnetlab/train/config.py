@@ -7,7 +7,12 @@ Recipes are YAML files in ``resnetlab/recipes/`` (``cifar-paper``, ``imagenet-v1
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import reprlib
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +25,46 @@ from resnetlab.errors import ConfigError
 #: torch.compile modes; the ones that record CUDA graphs need a CUDA device.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+#: Options with a fixed set of values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("sgd", "adamw"), "schedule": ("step", "cosine", "constant"), "milestone_unit": ("epoch", "iter"),
+    "amp": ("auto", "bf16", "fp16", "off"), "compile_mode": COMPILE_MODES,
+    "optimizer_impl": ("auto", "fused", "foreach", "loop"),
+}  # fmt: skip
+#: How ``--device`` is spelled: auto, cpu, mps, cuda, cuda:N (xpu likewise).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d{1,3})?")
+MAX_SEED = 2**32 - 1  # numpy's and DataLoader workers' seeds are 32-bit
+MAX_IMAGE_SIZE = 4096  # a side of 100k pixels would allocate tens of GB per image before training starts
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a short list of options
+
+#: Numeric options and what their values (each item, for lists) must satisfy: one row per option.
+BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "batch_size": (lambda v: v > 0, "a positive integer"),
+    "epochs": (lambda v: v > 0, "a positive integer"),
+    "max_iters": (lambda v: v > 0, "a positive integer"),
+    "image_size": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"a positive integer up to {MAX_IMAGE_SIZE}"),
+    "num_workers": (lambda v: v >= 0, ">= 0 (0: load in the main process)"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"in 0..{MAX_SEED}"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.1)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.9999; 0 turns EMA off)"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "random_erasing": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "gamma": (lambda v: v > 0, "> 0"),
+    "val_split": (lambda v: v >= 0, ">= 0 (a fraction below 1, or a count)"),
+    "mixup_alpha": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "cutmix_alpha": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "warmup_lr": (lambda v: v > 0, "> 0"),
+    "warmup_min_depth": (lambda v: v >= 0, ">= 0"),
+    "milestones": (lambda v: v >= 0, "a list of non-negative integers, e.g. [30, 60]"),
+    "std": (lambda v: v > 0, "a list of positive numbers"),
+    "eval_every": (lambda v: v >= 0, ">= 0 (0: once per epoch)"),
+    "checkpoint_every": (lambda v: v >= 0, ">= 0 (0: once per epoch)"),
+}
 
 
 @dataclass
@@ -82,20 +127,18 @@ class TrainConfig:
     recipe: str = "demo"
 
     def __post_init__(self) -> None:
-        choices = {
-            "optimizer": ("sgd", "adamw"), "schedule": ("step", "cosine", "constant"),
-            "milestone_unit": ("epoch", "iter"), "amp": ("auto", "bf16", "fp16", "off"),
-            "compile_mode": COMPILE_MODES, "optimizer_impl": ("auto", "fused", "foreach", "loop"),
-        }  # fmt: skip
-        for key, allowed in choices.items():
+        """Coerce every field to its type and check it, so a bad value fails here, in one line, naming it."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
-        self.channels_last = _auto_or_bool("channels_last", self.channels_last)
-        for key in ("lr", "batch_size", "epochs"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        if self.max_iters is not None and self.max_iters <= 0:
-            raise ConfigError(f"max_iters must be positive, got {self.max_iters}")
+                raise ConfigError(f"{key}={_short(getattr(self, key))} is not one of {allowed}")
+        for key, (test, what) in BOUNDS.items():
+            value = getattr(self, key)
+            if any(item is not None and not test(item) for item in (value if isinstance(value, list) else [value])):
+                raise ConfigError(f"{key}={_short(value)}: {key} must be {what}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"device={_short(self.device)} is not a device; use auto, cpu, cuda, cuda:N or mps")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode={self.compile_mode!r} needs compile: true (--compile {self.compile_mode})")
 
@@ -103,50 +146,111 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **overrides: Any) -> TrainConfig:
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - set(fields))
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid options: {', '.join(sorted(fields))}")
-        return dataclasses.replace(self, **{k: _coerce(k, fields[k].type, v) for k, v in overrides.items()})
+            listed = ", ".join(_short(k) for k in unknown)
+            raise ConfigError(f"unknown training option(s) {listed}; valid options: {', '.join(sorted(fields))}")
+        return dataclasses.replace(self, **overrides)  # __post_init__ coerces and checks
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            value = float(value)  # "1e3"
+    if isinstance(value, float):
+        if not value.is_integer():  # also inf and nan
+            raise ValueError(value)
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise TypeError(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    number = float(value)  # YAML 1.1 reads 1e-3 as a string; huge ints raise OverflowError
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ValueError(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _to_auto_or_bool(value: Any) -> bool | Literal["auto"]:
+    """``auto``, or a boolean (YAML's and the command line's spellings of one)."""
+    return "auto" if value == "auto" else _to_bool(value)
+
+
+def _to_mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(value)
+    return dict(value)
+
+
+#: The field types of TrainConfig (as their annotations spell them) -> the function that converts a value.
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "int": _to_int, "float": _to_float, "bool": _to_bool, "str": _to_str, "dict": _to_mapping,
+    "Literal['auto'] | bool": _to_auto_or_bool,
+}  # fmt: skip
+#: How an error message names the types whose annotation is not a plain word.
+_TYPE_NAMES = {"Literal['auto'] | bool": "auto, true or false"}
 
 
 def _coerce(key: str, annotation: Any, value: Any) -> Any:
-    """Convert a YAML/CLI value to the field's type (YAML reads ``1e-3`` as a string, for one)."""
-    kind = str(annotation)
+    """Convert a YAML/CLI value to the field's type: ``int | None``, ``list[int]``, ``dict[str, Any]``, ..."""
+    kind = str(annotation).replace('"', "'")
     if value is None:
         if "None" not in kind:
             raise ConfigError(f"{key} needs a value (it cannot be empty/null)")
         return None
+    base = kind if kind in _CONVERTERS else kind.split(" |")[0]  # a union the table names, or its first type
+    outer, _, inner = (base, "", "") if base in _CONVERTERS else base.partition("[")
     try:
-        if kind.startswith(("str", "dict", "list")):
-            expected = {"str": str, "dict": dict, "list": list}[kind.split("[")[0].split(" ")[0]]
-            if not isinstance(value, expected):
-                raise ValueError(value)
-            return value
-        if kind.startswith("bool"):
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, bool):
-                return value
-            raise ValueError(value)
-        if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value))
-        if kind.startswith("float"):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {kind.split(' |')[0]}") from None
-    return value
+        if outer == "list":
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(value)
+            convert = _CONVERTERS[inner.rstrip("]")]
+            return [convert(item) for item in value]
+        return _CONVERTERS[outer](value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}={_short(value)} is not {_TYPE_NAMES.get(base, f'a valid {base}')}") from None
 
 
-def _auto_or_bool(key: str, value: Any) -> bool | Literal["auto"]:
-    """``auto``, or a boolean (YAML's and the command line's spellings of one)."""
-    if isinstance(value, bool) or value == "auto":
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-        return value.lower() in ("true", "yes", "on", "1")
-    raise ConfigError(f"{key}={value!r} is not auto, true or false")
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 2
+MAX_SHOWN = 80  # characters of a value shown in an error message
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages: a huge value must not flood the terminal (or take long to print)."""
+    try:
+        text = _REPR.repr(value)  # reprlib looks at a few items per level only, so this is fast too
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
 
 
 #: Options a resumed run may change: how it runs and what it reports, not what it computes.
@@ -183,36 +287,99 @@ def recipe_names() -> list[str]:
                   if p.name.endswith(".yaml"))  # fmt: skip
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML with the core schema of YAML 1.2 and without aliases.
+
+    YAML 1.1 (PyYAML's default) reads ``off``/``no``/``on``/``y`` as booleans, so ``--set amp=off`` arrived as
+    False; ``1:30`` as 90 and ``010`` as 8; and ``1e-3`` as a string. Here only true/false are booleans and
+    numbers are decimal. Aliases (``*a``) are refused: a 700-byte "billion laughs" of nested aliases expands
+    to gigabytes.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not supported in recipes: write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+_YAML11_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in (
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", r"[-+]?[0-9]+", "-+0123456789"),
+    (
+        "float",
+        r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+        "-+.0123456789",
+    ),
+):
+    _RecipeLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), list(_first))
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``text`` as YAML (see ``_RecipeLoader``); ConfigError naming ``what`` when it is not valid."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no Python objects
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{what} is not valid YAML: {err.problem or err.context}{where}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {_short(str(err))}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply to be a training option") from None
+    except ValueError as err:  # e.g. an int of more than 4300 digits
+        raise ConfigError(f"{what} cannot be read: {_short(str(err))}") from None
+
+
+def _read_recipe_file(path: Path) -> str:
+    """The text of a recipe file: a regular file of at most MAX_RECIPE_BYTES (a FIFO would block forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe {path}: {err.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"recipe {path} is not a regular file; pass a YAML file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a list of options")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text") from None
+
+
 def load_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """A named recipe (``cifar-paper``) or a YAML file, with ``overrides`` applied on top."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a recipe is not one
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read recipe {path}: {err}") from err
-        name = path.stem
+    if path.suffix in (".yaml", ".yml") or (path.exists() and not path.is_dir()):  # a folder named `demo` is not one
+        text, name = _read_recipe_file(path), path.stem
     else:
         name = str(name_or_path)
         resource = resources.files("resnetlab.recipes") / f"{name}.yaml"
         if not resource.is_file():
-            raise ConfigError(f"unknown recipe {name!r}; choose one of {recipe_names()} or pass a YAML file")
+            raise ConfigError(f"unknown recipe {_short(name)}; choose one of {recipe_names()} or pass a YAML file")
         text = resource.read_text()
-    try:
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {name_or_path} is not valid YAML: {err}") from err
+    values = parse_yaml(text, f"recipe {name_or_path}") or {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise ConfigError(f"recipe {name_or_path} must be a mapping of option names to values")
     return TrainConfig(recipe=name).replace(**{**values, **overrides})
 
 
 def parse_set_option(text: str) -> tuple[str, Any]:
-    """``key=value`` from the command line, the value parsed as YAML (numbers, lists, booleans)."""
+    """``key=value`` from the command line, the value parsed as YAML (numbers, lists, booleans: true/false;
+    ``off``, ``no`` and ``on`` stay words, as typed)."""
     if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
+        raise ConfigError(f"--set expects key=value, got {_short(text)}")
     key, value = text.split("=", 1)
-    try:
-        return key.strip().replace("-", "_"), yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse the value of {key}: {err}") from err
+    key = key.strip().replace("-", "_")
+    return key, parse_yaml(value, f"the value of --set {_short(key)}")

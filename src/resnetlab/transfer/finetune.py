@@ -156,6 +156,8 @@ def finetune(
     bundle: DataBundle | None = None,
     resume: str | os.PathLike | None = None,
     callbacks: list[Callable[[StepInfo], None]] | None = None,
+    overwrite: bool = False,
+    log_every: int = 0,
 ) -> FinetuneResult:
     """Fine-tune ``cfg.pretrained`` (None: from scratch, the baseline) on ``cfg.data``; see the module doc.
 
@@ -163,6 +165,8 @@ def finetune(
     and tags. ``bundle`` skips loading ``cfg.data`` (its in_chans adapts conv1). ``resume``: a run folder
     or checkpoint of a fine-tuning run to continue, with its saved strategy (``cfg``, ``strategy``: None,
     or only the changes ``train(resume=...)`` allows). ``callbacks``: called after every optimizer step.
+    ``overwrite`` and ``log_every``: as in ``train`` (replace a run already in ``cfg.run_dir``; log the
+    training figures every N steps).
     """
     resume = resume if resume is not None else auto_resume_target(cfg)  # a restarted torchrun worker
     if resume is not None:
@@ -170,7 +174,8 @@ def finetune(
             saved = saved_config(resume)
             resolved = {k: getattr(saved, k) for k in RESOLVED if getattr(cfg, k) is None}
             cfg = cfg.replace(model=saved.model, **resolved)  # the architecture came from the source
-        result = train(cfg, resume=resume, bundle=bundle, hooks=StrategyHooks(strategy), callbacks=callbacks)
+        result = train(cfg, resume=resume, bundle=bundle, hooks=StrategyHooks(strategy), callbacks=callbacks,
+                       overwrite=overwrite, log_every=log_every)  # fmt: skip
     else:
         if cfg is None:
             raise ConfigError("finetune() needs a TrainConfig, or resume= naming a run to continue")
@@ -189,7 +194,8 @@ def finetune(
         resolved = {"image_size": bundle.image_size, "mean": list(bundle.mean), "std": list(bundle.std)}
         cfg = cfg.replace(**{k: v for k, v in resolved.items() if getattr(cfg, k) is None})
         hooks = StrategyHooks(strategy, None if cfg.pretrained is None else str(cfg.pretrained))
-        result = train(cfg, model=model, bundle=bundle, hooks=hooks, callbacks=callbacks)
+        result = train(cfg, model=model, bundle=bundle, hooks=hooks, callbacks=callbacks, overwrite=overwrite,
+                       log_every=log_every)  # fmt: skip
     if dist.rank() == 0:
         (result.run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
     return FinetuneResult(result.model, result.history, result.best_accuracy, result.final_accuracy,
