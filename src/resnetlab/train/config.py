@@ -217,24 +217,30 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 _TYPE_NAMES = {"Literal['auto'] | bool": "auto, true or false"}
 
 
+def converter_for(annotation: Any) -> tuple[str, bool, Callable[[Any], Any]]:
+    """A TrainConfig field's type as messages name it (``int``, ``list[int]``), whether it is a list, and the
+    function that converts one value (each item, of a list); KeyError for a type ``_CONVERTERS`` lacks."""
+    kind = str(annotation).replace('"', "'").removesuffix(" | None")
+    if kind.startswith("list["):
+        return kind, True, _CONVERTERS[kind.removeprefix("list[").removesuffix("]")]
+    return kind, False, _CONVERTERS.get(kind) or _CONVERTERS[kind.partition("[")[0]]
+
+
 def _coerce(key: str, annotation: Any, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's type: ``int | None``, ``list[int]``, ``dict[str, Any]``, ..."""
-    kind = str(annotation).replace('"', "'")
     if value is None:
-        if "None" not in kind:
+        if not str(annotation).endswith("| None"):
             raise ConfigError(f"{key} needs a value (it cannot be empty/null)")
         return None
-    base = kind if kind in _CONVERTERS else kind.split(" |")[0]  # a union the table names, or its first type
-    outer, _, inner = (base, "", "") if base in _CONVERTERS else base.partition("[")
+    kind, is_list, convert = converter_for(annotation)
     try:
-        if outer == "list":
+        if is_list:
             if not isinstance(value, (list, tuple)):
                 raise TypeError(value)
-            convert = _CONVERTERS[inner.rstrip("]")]
             return [convert(item) for item in value]
-        return _CONVERTERS[outer](value)
+        return convert(value)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{key}={_short(value)} is not {_TYPE_NAMES.get(base, f'a valid {base}')}") from None
+        raise ConfigError(f"{key}={_short(value)} is not {_TYPE_NAMES.get(kind, f'a valid {kind}')}") from None
 
 
 _REPR = reprlib.Repr()
