@@ -160,7 +160,7 @@ def test_a_features_run_killed_between_its_renames_is_detected(model_dir: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.csv", "emb.json", "emb.npy"]  # no leftovers
     with pytest.raises(DataError, match=r"emb\.npy, emb\.csv and emb\.json do not belong together"):
         Embeddings.load(out)
-    assert main(["similar", str(images / "rgb.png"), "--index", str(out)]) == 1
+    assert main(["similar", str(images / "rgb.png"), "--index", str(out), "--from", str(model_dir)]) == 1
     assert "do not belong together" in capsys.readouterr().err
 
 
@@ -187,7 +187,7 @@ def test_similar_explains_a_damaged_index_in_one_line(model_dir: Path, images: P
     if meta is not None:  # a damaged file whose hash was recorded again: the parser itself must explain it
         meta["content_sha256"] = None
         index.with_suffix(".json").write_text(json.dumps(meta))
-    assert main(["similar", str(images / "rgb.png"), "--index", str(index)]) == 1
+    assert main(["similar", str(images / "rgb.png"), "--index", str(index), "--from", str(model_dir)]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -195,8 +195,9 @@ def test_similar_explains_a_damaged_index_in_one_line(model_dir: Path, images: P
 def test_similar_refuses_a_top_k_below_one(model_dir: Path, images: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     index = _index(tmp_path, model_dir)
-    assert main(["similar", str(images / "rgb.png"), "--index", str(index), "-k", "-1"]) == 1
-    assert "k (--top-k) must be at least 1, not -1" in capsys.readouterr().err
+    # the option's type refuses it now, before anything is loaded (argparse's usage error: exit 2)
+    assert main(["similar", str(images / "rgb.png"), "--index", str(index), "--from", str(model_dir), "-k", "-1"]) == 2
+    assert "argument -k/--top-k: must be a positive integer, got -1" in capsys.readouterr().err
     with pytest.raises(InputError, match="at least 1"):
         nearest(Embeddings.load(index), np.ones((1, 16), np.float32), k=0)
 
