@@ -51,6 +51,20 @@ def test_training_step_and_cli_json(capsys) -> None:
     r = json.loads(capsys.readouterr().out)
     assert r["mode"] == "train" and "torchvision_eager" not in r  # torchvision has no resnet8
     assert r["resnetlab"]["memory_mb"] is not None
+    # the engine's step, with and without its data pipeline, and the plain-loop yardstick, in one run
+    for label in ("resnetlab", "resnetlab_with_data", "plain_loop"):
+        assert r[label]["images_per_second"] > 0
+    assert r["speedup_vs_plain_loop"] > 0 and r["with_data_vs_plain_loop"] > 0
+
+
+def test_training_benchmark_feeds_the_engine_a_named_dataset(tmp_path, capsys) -> None:
+    from colour_folders import write_colour_folder
+
+    data = write_colour_folder(tmp_path / "colours", {"train": 8, "test": 2}, noise=100, boost=100)
+    r = benchmark("resnet8", batch=4, image_size=16, train=True, data=str(data), warmup=1, iters=1)
+    assert r["resnetlab_with_data"]["images_per_second"] > 0
+    with pytest.raises(ConfigError, match="--train"):
+        benchmark("resnet8", batch=2, data=str(data), iters=1)
 
 
 def test_compile_flag_is_the_compile_backend() -> None:

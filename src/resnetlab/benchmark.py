@@ -117,6 +117,70 @@ def _contestant(label: str, model: nn.Module, backend: str, example: torch.Tenso
     return Contestant(label, infer, weights)
 
 
+def _plain_loop(model: nn.Module, example: torch.Tensor, *, dtype: torch.dtype, compiled: bool) -> Contestant:
+    """The yardstick for the engine: the shortest correct PyTorch training step of the same net (forward
+    under autocast, cross-entropy, backward, SGD with momentum and weight decay), nothing else."""
+    model.train()
+    net = torch.compile(model) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    targets = torch.randint(0, 10, (example.shape[0],), generator=torch.Generator().manual_seed(0))
+
+    def step(x: torch.Tensor) -> None:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = nn.functional.cross_entropy(net(x).float(), targets.to(x.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return Contestant("plain_loop", step, _weights_mb(model))
+
+
+def _engine_runs(name: str, example: torch.Tensor, *, data: str | None, dtype: str, channels_last: bool,
+                 compiled: bool, folder: Path) -> list[Contestant]:  # fmt: skip
+    """The training engine's own step (``TrainRun.step_on``: autocast, loss check, scaler, scheduler, running
+    metrics, callbacks), once on the fixed batch and once fed by its data pipeline (``TrainBatches``: the
+    device-resident, augmenting batches of an in-memory dataset, or the DataLoader of a folder), so the
+    cost of the pipeline shows apart. ``data``: a dataset to feed it (default: random uint8 images of the
+    model's size in memory, augmented as CIFAR is)."""
+    from resnetlab.data import DataBundle, TensorImageDataset, build_data
+    from resnetlab.train import TrainConfig
+    from resnetlab.train.engine import TrainHooks, TrainRun
+    from resnetlab.train.rundir import RunDir
+
+    batch, channels, size = example.shape[0], example.shape[1], example.shape[-1]
+    if data is None:
+        images = torch.randint(0, 256, (max(4 * batch, 512), channels, size, size), dtype=torch.uint8)
+        classes = [str(i) for i in range(10)]
+        train = TensorImageDataset(images, torch.arange(len(images)) % 10, classes)
+        bundle = DataBundle("random-uint8", train, None, None, classes, channels, size, (0.5,) * channels,
+                            (0.25,) * channels, augment="cifar")  # fmt: skip
+    else:
+        bundle = build_data(data, augment="auto", image_size=size)
+    cfg = TrainConfig(model=name, data=data, batch_size=batch, epochs=1000, lr=0.1, warmup_iters=0,
+                      amp="off" if dtype == "float32" else "bf16", channels_last=channels_last, compile=compiled,
+                      device=example.device.type, progress=False, tensorboard=False, run_dir=str(folder))  # fmt: skip
+    run = TrainRun(cfg, RunDir(folder), state=None, callbacks=[], bundle=bundle, model=None, hooks=TrainHooks())
+    run.enter_train_mode()
+    targets = torch.randint(0, bundle.num_classes, (batch,), generator=torch.Generator().manual_seed(0))
+
+    def fixed(x: torch.Tensor) -> None:
+        run.step_on(x, targets.to(x.device))
+
+    def batches() -> Any:
+        epoch = 0
+        while True:
+            yield from run.batches.epoch(epoch, 0)
+            epoch += 1
+
+    stream = batches()
+
+    def with_data(_: torch.Tensor) -> None:
+        run.step_on(*next(stream))
+
+    weights = _weights_mb(run.raw_model)
+    return [Contestant("resnetlab", fixed, weights), Contestant("resnetlab_with_data", with_data, weights)]
+
+
 def _time(runs: list[Callable[[torch.Tensor], Any]], x: torch.Tensor, warmup: int, iters: int) -> list[list[float]]:
     """Time each runner ``iters`` times, interleaved so that a busy machine slows every contestant alike and
     their ratio stays fair. Each round runs them in a fresh (seeded) random order: a runtime's worker threads
@@ -216,6 +280,7 @@ def benchmark(
     warmup: int = 3,
     iters: int = 10,
     compare: bool = True,
+    data: str | None = None,
 ) -> dict[str, Any]:
     """Measure ``name`` on ``backend``; also torchvision's ``name`` (eager, and on ``backend``) when it
     exists and ``compare``.
@@ -224,8 +289,15 @@ def benchmark(
     ``channels_last`` puts every PyTorch contestant and the input in that memory format. ``fold_bn`` and
     ``quantize`` (int8, ONNX Runtime) apply to resnetlab's model only: they are what is being measured;
     with ``quantize``, the same model in fp32 is a yardstick too (``resnetlab_fp32``).
+
+    ``train``: ``resnetlab`` is the training engine's own step (``TrainRun.step_on``) on a fixed batch,
+    ``resnetlab_with_data`` the same step fed by the engine's data pipeline (``data``, default random images
+    in memory), and ``plain_loop`` the shortest PyTorch loop of the same net: ``engine_vs_plain_loop`` is the
+    engine's speed as a fraction of the loop's. ``backend="compile"`` compiles the engine and the loop.
     """
     dev = torch.device(device)
+    if data is not None and not train:
+        raise ConfigError("--data feeds the training engine's pipeline: use it with --train")
     _check(
         backend,
         train=train,
@@ -243,8 +315,16 @@ def benchmark(
     size = image_size or model.config.input_size[-1]
     x = torch.randn(batch, model.config.in_chans, size, size, device=dev).contiguous(memory_format=memory_format)
     options = dict(train=train, dtype=DTYPES[dtype], threads=threads)
-    contestants = [_contestant("resnetlab", model, backend, x, fold_bn=fold_bn, quantize=quantize,
-                               ort_optimization=ort_optimization, **options)]  # fmt: skip
+    scratch = tempfile.TemporaryDirectory(prefix="resnetlab-bench-")
+    if train:  # the engine's step, with and without its data pipeline, against a plain loop of the same net
+        contestants = _engine_runs(name, x, data=data, dtype=dtype, channels_last=channels_last,
+                                   compiled=backend == "compile", folder=Path(scratch.name) / "run")  # fmt: skip
+        if compare:
+            plain = create_model(name, num_classes=10).to(dev, memory_format=memory_format)
+            contestants.append(_plain_loop(plain, x, dtype=DTYPES[dtype], compiled=backend == "compile"))
+    else:
+        contestants = [_contestant("resnetlab", model, backend, x, fold_bn=fold_bn, quantize=quantize,
+                                   ort_optimization=ort_optimization, **options)]  # fmt: skip
     if quantize and compare:  # int8 against the same model in fp32, in the same run
         contestants.append(_contestant("resnetlab_fp32", model, backend, x, fold_bn=fold_bn,
                                        ort_optimization=ort_optimization, **options))  # fmt: skip
@@ -255,7 +335,10 @@ def benchmark(
             reference = torchvision.models.get_model(name).to(dev, memory_format=memory_format)
             contestants.append(_contestant(f"torchvision_{tv_backend}", reference, tv_backend, x, fold_bn=False,
                                            ort_optimization=ort_optimization, **options))  # fmt: skip
-    times = _time([c.run for c in contestants], x, warmup, iters)
+    try:
+        times = _time([c.run for c in contestants], x, warmup, iters)
+    finally:
+        scratch.cleanup()
     result: dict[str, Any] = {
         "model": name, "backend": backend, "mode": "train" if train else "inference", "batch": batch,
         "image_size": size, "device": str(dev), "threads": threads, "dtype": dtype, "channels_last": channels_last,
@@ -271,7 +354,11 @@ def benchmark(
         result[contestant.label] = {**_stats(measured, batch), "memory_mb": memory, "weights_mb": contestant.weights_mb}
     ours = result["resnetlab"]["p50_ms"]
     for contestant in contestants[1:]:
+        if contestant.label == "resnetlab_with_data":  # the same engine, reported below against the loop
+            continue
         against = "torchvision" if contestant.label == "torchvision_eager" else contestant.label
         result[f"speedup_vs_{against}"] = result[contestant.label]["p50_ms"] / ours
+    if train and "plain_loop" in result:  # the engine fed by its data pipeline, against the plain loop
+        result["with_data_vs_plain_loop"] = result["plain_loop"]["p50_ms"] / result["resnetlab_with_data"]["p50_ms"]
     result["torch"] = torch.__version__
     return result

@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", dest="backend", action="store_const", const="compile",
                    help="shorthand for --backend compile (torch.compile)")  # fmt: skip
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD)")
+    p.add_argument(
+        "--data",
+        help="with --train: a dataset for the engine's data pipeline (default: random images "
+        "of the model's size in memory, augmented as CIFAR is)",
+    )
     add_device(p)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="bfloat16: autocast for every contestant (eager and compile backends)")  # fmt: skip
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     r = benchmark(args.model, batch=args.batch, image_size=args.image_size, backend=args.backend, train=args.train,
                   device=args.device, fold_bn=args.fold_bn, channels_last=args.channels_last, dtype=args.dtype,
                   quantize=args.quantize, ort_optimization=args.ort_optimization, threads=args.threads,
-                  warmup=args.warmup, iters=args.iters, compare=args.compare)  # fmt: skip
+                  warmup=args.warmup, iters=args.iters, compare=args.compare, data=args.data)  # fmt: skip
     if args.json:
         print_json(r)
         return 0
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(f"{r['model']} {r['mode']}, batch {r['batch']} at {r['image_size']}px, {r['device']}, "
           f"{r['threads']} threads, backend {r['backend']}{''.join(' +' + o for o in options)}")  # fmt: skip
-    for label in ("resnetlab", *(k for k in r if k.startswith(("torchvision_", "resnetlab_")))):
+    labels = ("resnetlab", *(k for k in r if k.startswith(("torchvision_", "resnetlab_")) or k == "plain_loop"))
+    for label in labels:
         s = r[label]
         memory = "n/a" if s["memory_mb"] is None else f"{s['memory_mb']:.0f} MB"
         print(f"  {label.replace('_', ' '):<24} p50 {s['p50_ms']:9.2f} ms  p90 {s['p90_ms']:9.2f} ms  "
@@ -77,4 +83,6 @@ def run(args: argparse.Namespace) -> int:
     for key in (k for k in r if k.startswith("speedup_vs_")):
         against = key.removeprefix("speedup_vs_").replace("_", " ")
         print(f"  speed-up over {against}{' eager' if against == 'torchvision' else ''}: {r[key]:.2f}x")
+    if "with_data_vs_plain_loop" in r:
+        print(f"  engine with its data pipeline vs plain loop (fixed batch): {r['with_data_vs_plain_loop']:.2f}x")
     return 0
