@@ -383,7 +383,23 @@ def test_study_command_prints_figure_paths_not_markdown(tmp_path, capsys) -> Non
                                    std=(0.3,))  # fmt: skip
     resnetlab.save_pretrained(model, tmp_path / "m")
     out = tmp_path / "r"
-    assert main(["study", "responses", "--from", str(tmp_path / "m"), "--test-subset", "20", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "study",
+                "responses",
+                "--from",
+                str(tmp_path / "m"),
+                "--data",
+                "digits",
+                "--test-subset",
+                "20",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"figure: {out / 'responses.png'}" in printed and f"report: {out / 'report.md'}" in printed
     assert "![" not in printed and "](" not in printed  # no markdown image links in a terminal
