@@ -13,7 +13,7 @@ from torch import nn
 from resnetlab.errors import WeightsError
 from resnetlab.io import sha256_file
 from resnetlab.models.config import ResNetConfig
-from resnetlab.models.hub import dataset_labels, fetch_weights
+from resnetlab.models.hub import fetch_weights, weights_metadata
 from resnetlab.models.registry import MODELS, WeightsSource, get_config, resolve_name, torchvision_weights
 from resnetlab.models.resnet import FeatureExtractor, ResNet
 from resnetlab.models.weights import (
@@ -95,14 +95,6 @@ def published_weights(path: str | os.PathLike) -> tuple[str, str, WeightsSource]
         return None
     digest = sha256_file(path)
     return next((found for prefix, found in prefixes.items() if digest.startswith(prefix)), None)
-
-
-def weights_metadata(source: WeightsSource) -> dict[str, Any]:
-    """The preprocessing published weights were trained with, and the class names of their head."""
-    extra: dict[str, Any] = dict(source.config)
-    if source.labels:
-        extra.setdefault("label_names", dataset_labels(source.labels))
-    return extra
 
 
 def from_pretrained(directory: str | os.PathLike, *, verify: bool = True, **overrides: Any) -> ResNet:

@@ -50,11 +50,18 @@ def dataset_labels(dataset: str) -> tuple[str, ...]:
     return LABELS[dataset]()
 
 
-def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
-    """State dict (converted) and preprocessing overrides (with class names) for a ``registry.WeightsSource``."""
+def weights_metadata(source: Any) -> dict[str, Any]:
+    """The preprocessing published weights (a ``registry.WeightsSource``) were trained with, and the class
+    names of their head."""
     extra: dict[str, Any] = dict(source.config)
     if source.labels:
         extra.setdefault("label_names", dataset_labels(source.labels))
+    return extra
+
+
+def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
+    """State dict (converted) and preprocessing overrides (with class names) for a ``registry.WeightsSource``."""
+    extra = weights_metadata(source)
     if source.kind == "torchvision":
         from torchvision.models import get_weight
 
