@@ -25,30 +25,23 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (batch sizes, iterations, k of top-k)."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _bounded(parse: Any, ok: Any, must: str, doc: str) -> Any:
+    """An argparse type: ``parse`` the text, then refuse a value for which ``ok`` is false ("must be ...")."""
+
+    def check(text: str) -> Any:
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must()}, got {str(value)[:40]}")
+        return value
+
+    check.__doc__ = f"argparse type: {doc}"
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (workers, warm-up iterations)."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """argparse type: a random seed, in the range numpy and DataLoader workers accept."""
+def _max_seed() -> int:
     from resnetlab.train.config import MAX_SEED
 
-    value = _integer(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {str(value)[:40]}")
-    return value
+    return MAX_SEED
 
 
 def _number(text: str) -> float:
@@ -61,28 +54,12 @@ def _number(text: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (timeouts, sizes in MB)."""
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text[:40]}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0 (fractions or counts of a split)."""
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text[:40]}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0..65535 (0: any free port)."""
-    value = _integer(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {str(value)[:40]}")
-    return value
+positive_int = _bounded(_integer, lambda v: v >= 1, lambda: "a positive integer", "an integer >= 1 (batch sizes)")
+non_negative_int = _bounded(_integer, lambda v: v >= 0, lambda: "0 or more", "an integer >= 0 (workers)")
+seed_int = _bounded(_integer, lambda v: 0 <= v <= _max_seed(), lambda: f"in 0..{_max_seed()}", "a random seed")
+positive_float = _bounded(_number, lambda v: v > 0, lambda: "a number > 0", "a finite number > 0 (timeouts)")
+non_negative_float = _bounded(_number, lambda v: v >= 0, lambda: "0 or more", "a finite number >= 0 (fractions)")
+port_number = _bounded(_integer, lambda v: 0 <= v <= 65535, lambda: "a port number in 0..65535", "a TCP port")
 
 
 def device_name(text: str) -> str:
