@@ -41,17 +41,22 @@ def _calibrated(name: str, **options) -> resnetlab.ResNet:
     return model.eval()
 
 
-@pytest.mark.parametrize(
-    ("name", "pairs"), [("resnet20", 19), ("resnet18", 20), ("resnet50d", 55), ("preact_resnet18", 0)]
-)
-def test_fold_batchnorm_is_numerically_exact(name: str, pairs: int) -> None:
-    model = _with_stats(name)
+def _folds_exactly(model: resnetlab.ResNet, pairs: int) -> resnetlab.ResNet:
+    """``fold_batchnorm(model)``, checked: ``pairs`` folded, and the same outputs up to rounding."""
     x = torch.randn(2, 3, 32, 32)
     folded, count = fold_batchnorm(model)
     assert count == pairs
     with torch.no_grad():
         reference = model(x)
         assert (folded(x) - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
+    return folded
+
+
+@pytest.mark.parametrize(
+    ("name", "pairs"), [("resnet20", 19), ("resnet18", 20), ("resnet50d", 55), ("preact_resnet18", 0)]
+)
+def test_fold_batchnorm_is_numerically_exact(name: str, pairs: int) -> None:
+    folded = _folds_exactly(_with_stats(name), pairs)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for b in folded.blocks() for m in b.modules()) or pairs == 0
 
 
@@ -59,13 +64,7 @@ def test_fold_batchnorm_is_numerically_exact(name: str, pairs: int) -> None:
 def test_fold_batchnorm_into_weight_standardised_convs_is_exact(name: str, pairs: int) -> None:
     # A StdConv2d standardises its weight at every call: writing BN's scale into that weight would be
     # undone by the next standardisation, so a fold must first materialise the weight it really uses.
-    model = _calibrated(name, conv_layer="std_conv")
-    x = torch.randn(2, 3, 32, 32)
-    folded, count = fold_batchnorm(model)
-    assert count == pairs
-    with torch.no_grad():
-        reference = model(x)
-        assert (folded(x) - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
+    folded = _folds_exactly(_calibrated(name, conv_layer="std_conv"), pairs)
     assert not any(isinstance(m, StdConv2d) for m in folded.modules())  # every one was followed by a BN
 
 
