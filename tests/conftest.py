@@ -36,3 +36,15 @@ def _require_shared(relative: str) -> Path:
 def shared_file():
     """``shared_file("data/hymenoptera.zip")`` -> Path, or skip/fail as above."""
     return _require_shared
+
+
+@pytest.fixture(autouse=True)
+def _outputs_stay_in_tmp_path():
+    """A test writes into ``tmp_path``, never into the directory pytest runs from: ``resnetlab predict`` on a
+    folder writes ``predictions.csv`` into the current directory, so a test of that default must first
+    ``monkeypatch.chdir(tmp_path)``. A predictions CSV left behind fails the test that wrote it."""
+    here = Path.cwd()
+    before = set(here.glob("predictions*.csv"))
+    yield
+    left = sorted(p.name for p in set(here.glob("predictions*.csv")) - before)
+    assert not left, f"the test wrote {left} into {here}: write into tmp_path (or chdir there first)"

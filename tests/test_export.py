@@ -14,6 +14,7 @@ from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.export import export_model, fold_batchnorm, max_difference, read_export
 from resnetlab.filetypes import sniff
 from resnetlab.inference import Predictor
+from resnetlab.models.layers import StdConv2d
 
 
 def _with_stats(name: str, **options) -> resnetlab.ResNet:
@@ -28,18 +29,59 @@ def _with_stats(name: str, **options) -> resnetlab.ResNet:
     return model
 
 
-@pytest.mark.parametrize(
-    ("name", "pairs"), [("resnet20", 19), ("resnet18", 20), ("resnet50d", 55), ("preact_resnet18", 0)]
-)
-def test_fold_batchnorm_is_numerically_exact(name: str, pairs: int) -> None:
-    model = _with_stats(name)
+def _calibrated(name: str, **options) -> resnetlab.ResNet:
+    """BN statistics measured on a batch: behind weight-standardised convs, made-up ones blow activations up."""
+    torch.manual_seed(0)
+    model = resnetlab.create_model(name, **options)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0  # the running statistics become this batch's
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32))
+    return model.eval()
+
+
+def _folds_exactly(model: resnetlab.ResNet, pairs: int) -> resnetlab.ResNet:
+    """``fold_batchnorm(model)``, checked: ``pairs`` folded, and the same outputs up to rounding."""
     x = torch.randn(2, 3, 32, 32)
     folded, count = fold_batchnorm(model)
     assert count == pairs
     with torch.no_grad():
         reference = model(x)
         assert (folded(x) - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
+    return folded
+
+
+@pytest.mark.parametrize(
+    ("name", "pairs"), [("resnet20", 19), ("resnet18", 20), ("resnet50d", 55), ("preact_resnet18", 0)]
+)
+def test_fold_batchnorm_is_numerically_exact(name: str, pairs: int) -> None:
+    folded = _folds_exactly(_with_stats(name), pairs)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for b in folded.blocks() for m in b.modules()) or pairs == 0
+
+
+@pytest.mark.parametrize(("name", "pairs"), [("resnet18", 20), ("resnet50d", 55)])
+def test_fold_batchnorm_into_weight_standardised_convs_is_exact(name: str, pairs: int) -> None:
+    # A StdConv2d standardises its weight at every call: writing BN's scale into that weight would be
+    # undone by the next standardisation, so a fold must first materialise the weight it really uses.
+    folded = _folds_exactly(_calibrated(name, conv_layer="std_conv"), pairs)
+    assert not any(isinstance(m, StdConv2d) for m in folded.modules())  # every one was followed by a BN
+
+
+def test_fold_batchnorm_leaves_the_bit_row_and_its_group_norms_alone() -> None:
+    model = _with_stats("resnetv2_50x1_bit", num_classes=5)
+    x = torch.randn(1, 3, 32, 32)
+    folded, count = fold_batchnorm(model)
+    assert count == 0
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+def test_export_of_a_weight_standardised_net_with_folded_bn_matches_pytorch(tmp_path) -> None:
+    model = _calibrated("resnet8", conv_layer="std_conv")
+    path = export_model(model, tmp_path / "m.onnx", "onnx", fold_bn=True)
+    assert max_difference(model, path, torch.randn(2, 3, 32, 32)) <= 1e-4
+    assert read_export(path)["folded_pairs"] == 7
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported-program"])

@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 from resnetlab.errors import ConfigError, WeightsError
 from resnetlab.filetypes import CONTENTS, EXTENSIONS, check_content
 from resnetlab.models import ResNet, ResNetConfig, create_model, from_pretrained
-from resnetlab.models.factory import published_weights
+from resnetlab.models.fit import load_weights
+from resnetlab.models.hub import published_weights
+from resnetlab.models.pretrained import CONFIG_FILE, read_pretrained_config
 from resnetlab.models.registry import MODELS, WeightsSource, resolve_name, torchvision_weights
-from resnetlab.models.weights import CONFIG_FILE, load_weights, read_pretrained_config
 
 if TYPE_CHECKING:
     from resnetlab.export import ExportedModel

@@ -1,4 +1,6 @@
-"""``create_model``, ``from_pretrained`` and ``model_info``: the front door to the model family."""
+"""``create_model``, ``from_pretrained`` and ``model_info``: the front door to the model family.
+
+``published_weights`` (recognising a published file by its sha256) lives in ``resnetlab.models.hub``."""
 
 from __future__ import annotations
 
@@ -11,17 +13,13 @@ import torch
 from torch import nn
 
 from resnetlab.errors import WeightsError
-from resnetlab.io import sha256_file
 from resnetlab.models.config import ResNetConfig
-from resnetlab.models.hub import fetch_weights, weights_metadata
-from resnetlab.models.registry import MODELS, WeightsSource, get_config, resolve_name, torchvision_weights
+from resnetlab.models.fit import load_weights
+from resnetlab.models.hub import fetch_weights, published_weights, weights_metadata
+from resnetlab.models.pretrained import load_pretrained_dir
+from resnetlab.models.registry import MODELS, get_config, resolve_name, torchvision_weights
 from resnetlab.models.resnet import FeatureExtractor, ResNet
-from resnetlab.models.weights import (
-    convert_state_dict,
-    load_pretrained_dir,
-    load_state_dict_file,
-    load_weights,
-)
+from resnetlab.models.state_dicts import convert_state_dict, load_state_dict_file
 
 PREPROCESSING = ("mean", "std", "input_size", "crop_pct", "interpolation", "label_names")
 
@@ -84,17 +82,6 @@ def _resolve_pretrained(name: str, pretrained: bool | str | os.PathLike) -> tupl
         return convert_state_dict(load_state_dict_file(path), known[2].format if known else "auto"), str(path), extra
     tags = ", ".join(entry.weights) or "none"
     raise WeightsError(f"pretrained={pretrained!r} is neither a file, a folder nor a weights tag of {name} ({tags})")
-
-
-def published_weights(path: str | os.PathLike) -> tuple[str, str, WeightsSource] | None:
-    """``(model name, weights tag, source)`` of a published weights file, recognised by its sha256 in
-    ``MODELS`` (the same hashes that check a download), or None for any other file."""
-    prefixes = {w.sha256_prefix: (name, tag, w) for name, entry in MODELS.items()
-                for tag, w in entry.weights.items() if w.sha256_prefix}  # fmt: skip
-    if not prefixes:
-        return None
-    digest = sha256_file(path)
-    return next((found for prefix, found in prefixes.items() if digest.startswith(prefix)), None)
 
 
 def from_pretrained(directory: str | os.PathLike, *, verify: bool = True, **overrides: Any) -> ResNet:

@@ -3,6 +3,7 @@
 ``fetch_weights(source)`` takes a ``registry.WeightsSource``: it looks for the file in the local weights
 folders (``weights_search_path``), downloads it otherwise, checks its sha256 prefix, converts its layout to
 resnetlab's and returns the preprocessing and class names the weights were trained with.
+``published_weights(path)`` recognises a published file given by path, by the same sha256 prefixes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 import torch
 
 from resnetlab.errors import WeightsError
-from resnetlab.io import sha256_file
-from resnetlab.models.weights import StateDict, convert_state_dict, load_state_dict_file
+from resnetlab.models.integrity import check_published, file_sha256
+from resnetlab.models.registry import MODELS, WeightsSource
+from resnetlab.models.state_dicts import StateDict, convert_state_dict, load_state_dict_file
 from resnetlab.paths import cache_dir
 
 #: CIFAR-10's class names in label order (the order of the official ``batches.meta``).
@@ -50,7 +52,7 @@ def dataset_labels(dataset: str) -> tuple[str, ...]:
     return LABELS[dataset]()
 
 
-def weights_metadata(source: Any) -> dict[str, Any]:
+def weights_metadata(source: WeightsSource) -> dict[str, Any]:
     """The preprocessing published weights (a ``registry.WeightsSource``) were trained with, and the class
     names of their head."""
     extra: dict[str, Any] = dict(source.config)
@@ -59,7 +61,7 @@ def weights_metadata(source: Any) -> dict[str, Any]:
     return extra
 
 
-def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
+def fetch_weights(source: WeightsSource) -> tuple[StateDict, dict[str, Any]]:
     """State dict (converted) and preprocessing overrides (with class names) for a ``registry.WeightsSource``."""
     extra = weights_metadata(source)
     if source.kind == "torchvision":
@@ -77,12 +79,22 @@ def fetch_weights(source: Any) -> tuple[StateDict, dict[str, Any]]:
             break
     else:
         path = _download(source, url, filename)
-    if source.sha256_prefix and not sha256_file(path).startswith(source.sha256_prefix):
-        raise WeightsError(f"{path} is corrupt: its sha256 does not start with {source.sha256_prefix}")
+    check_published(path, source)
     return convert_state_dict(load_state_dict_file(path), source.format), extra
 
 
-def local_weights_name(source: Any, filename: str) -> str:
+def published_weights(path: str | os.PathLike) -> tuple[str, str, WeightsSource] | None:
+    """``(model name, weights tag, source)`` of a published weights file, recognised by its sha256 in
+    ``MODELS`` (the same hashes that check a download), or None for any other file."""
+    prefixes = {w.sha256_prefix: (name, tag, w) for name, entry in MODELS.items()
+                for tag, w in entry.weights.items() if w.sha256_prefix}  # fmt: skip
+    if not prefixes:
+        return None
+    digest = file_sha256(path)
+    return next((found for prefix, found in prefixes.items() if digest.startswith(prefix)), None)
+
+
+def local_weights_name(source: WeightsSource, filename: str) -> str:
     """The name a weights file has in a local weights folder. Hub repos all call theirs
     ``model.safetensors``, so those are named after the repo: ``timm--resnet50d.ra2_in1k.safetensors``."""
     if source.kind == "hf_hub":
@@ -90,7 +102,7 @@ def local_weights_name(source: Any, filename: str) -> str:
     return filename
 
 
-def _download(source: Any, url: str, filename: str) -> Path:
+def _download(source: WeightsSource, url: str, filename: str) -> Path:
     target = cache_dir() / "weights" / local_weights_name(source, filename)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -61,11 +61,14 @@ class StdConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = F.batch_norm(
+    def effective_weight(self) -> torch.Tensor:
+        """The standardised weight the convolution applies (what BN folding must start from)."""
+        return F.batch_norm(
             self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=self.eps
         ).reshape_as(self.weight)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 ConvLayer = type[nn.Conv2d]

@@ -22,7 +22,7 @@ class WeightsSource:
 
     ``kind``: "torchvision" (``ref`` = torchvision weights enum, e.g. "ResNet50_Weights.IMAGENET1K_V2"),
     "url" (``ref`` = URL of a file whose name is ``filename``), or "hf_hub" (``ref`` = repo id on the
-    Hugging Face hub, ``filename`` inside it). ``format`` names the converter (see ``weights.CONVERTERS``).
+    Hugging Face hub, ``filename`` inside it). ``format`` names the converter (see ``state_dicts.CONVERTERS``).
     ``config`` overrides preprocessing that the weights were trained with; ``labels`` names the dataset
     whose classes the head predicts ("imagenet-1k", "cifar-10"), so predictions carry class names.
     """
