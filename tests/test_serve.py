@@ -475,15 +475,17 @@ def test_the_page_and_its_files_are_served_with_nothing_from_elsewhere(client) -
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in page.headers["content-security-policy"]  # the browser fetches nothing else
     referenced = re.findall(r'(?:src|href)="([^"]+)"', page.text)
-    assert sorted(referenced) == ["/static/app.js", "/static/style.css"]
+    assert sorted(referenced) == ["/static/app.js", "/static/favicon.svg", "/static/style.css"]
     texts = [page.text]
-    for path, kind in (("/static/app.js", "text/javascript"), ("/static/style.css", "text/css")):
+    for path, kind in (("/static/app.js", "text/javascript"), ("/static/style.css", "text/css"),
+                       ("/static/favicon.svg", "image/svg+xml")):  # fmt: skip
         served = client.get(path)
         assert served.status_code == 200 and served.headers["content-type"].startswith(kind)
         texts.append(served.text)
-    for text in texts:  # no CDN, web font or remote script: works offline
+    for text in texts:  # no CDN, web font or remote script: works offline (SVG's namespace is a name, not a fetch)
+        text = text.replace('xmlns="http://www.w3.org/2000/svg"', "")
         assert not re.search(r"https?://|url\(|@import|//[a-z0-9.-]+\.[a-z]{2,}/", text), text[:200]
-    assert_error(client.get("/static/app.py"), 404, "app.js, index.html, style.css")
+    assert_error(client.get("/static/app.py"), 404, "app.js, favicon.svg, index.html, style.css")
 
 
 def _free_port() -> int:

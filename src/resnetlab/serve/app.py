@@ -59,7 +59,7 @@ RETRY_AFTER_S = 1
 IMAGE_ENDPOINTS = frozenset({"/predict", "/explain"})
 #: The web page's files (package data), by the name they are served under: ``/`` and ``/static/NAME``.
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-              "style.css": "text/css; charset=utf-8"}  # fmt: skip
+              "style.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}  # fmt: skip
 # "<_io.BytesIO object at 0x7f...>" and the like: Python object reprs say nothing to a client
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
