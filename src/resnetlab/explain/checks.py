@@ -166,6 +166,6 @@ def correctly_classified(model: nn.Module, images: torch.Tensor, labels: torch.T
 
 
 def normalise_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images (N, H, W, C), as the data layer decodes them, -> the model's normalised input (N, C, H, W)."""
-    x = images.permute(0, 3, 1, 2).float() / 255
+    """uint8 images (N, C, H, W), as the data layer decodes them, -> the model's normalised input."""
+    x = images.float() / 255
     return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
