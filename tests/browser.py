@@ -90,9 +90,10 @@ def wait_for(driver: Any, script: str, timeout: float = 120) -> Any:
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: d.execute_script(f"return {script}"))
 
 
-OVERLAY_SHOWN = "(() => { const img = document.getElementById('overlay'); " \
-                "return img.src.startsWith('data:image/png') && img.complete && img.naturalWidth > 0 && " \
-                "!document.body.classList.contains('busy'); })()"  # fmt: skip
+#: The answer to the latest upload is on the page: the result shown, its overlay decoded, nothing pending.
+OVERLAY_SHOWN = ("(() => { const img = document.getElementById('overlay'); "
+                 "return !document.getElementById('result').hidden && !document.body.classList.contains('busy') "
+                 "&& img.src.startsWith('data:image/png') && img.complete && img.naturalWidth > 0; })()")  # fmt: skip
 
 
 def upload(driver: Any, path: Path) -> None:

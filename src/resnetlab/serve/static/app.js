@@ -40,6 +40,7 @@ function choose(file) {
   if (photoUrl) URL.revokeObjectURL(photoUrl);
   photoUrl = URL.createObjectURL(file);
   $("photo").src = photoUrl;
+  $("result").hidden = true; // the last image's answer does not belong to this one
   explain(null);
 }
 
