@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-quick test-mobile lint install
+.PHONY: demo test test-quick test-mobile lint install browser
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,12 +14,25 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed browser
+
+# The serve page's test drives a real headless Chromium (tests/test_serve_page.py): Debian's chromium and
+# chromium-driver, installed with apt-get when missing (as root, or through sudo). Without them the test
+# skips, saying so; with CI=true it fails.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then \
+	  echo "no apt-get here: install chromium and chromedriver for the serve page's browser test"; \
+	else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver \
+	    || echo "could not install chromium and chromium-driver: the serve page's browser test will skip (fail in CI)"; \
+	fi
 
 demo: $(BIN)/.installed
 	$(BIN)/resnetlab train
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed browser
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
 

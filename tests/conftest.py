@@ -22,13 +22,17 @@ from resnetlab.paths import shared_dir
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def skip_or_fail(message: str, what: str) -> None:
+    """Skips the test with ``message`` on a user's machine; with ``CI=true``, fails it (``what`` is missing)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {what} is missing: {message}")
+    pytest.skip(message)
+
+
 def _require_shared(relative: str) -> Path:
     path = shared_dir() / relative
     if not path.exists():
-        message = f"needs {path} (set RESNETLAB_SHARED to the shared data folder)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and the shared file is missing: {message}")
-        pytest.skip(message)
+        skip_or_fail(f"needs {path} (set RESNETLAB_SHARED to the shared data folder)", "the shared file")
     return path
 
 

@@ -15,7 +15,7 @@ import pytest
 from resnetlab.paths import shared_dir
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-GUIDES = ("transfer.md", "features.md", "backbones.md")
+GUIDES = ("transfer.md", "features.md", "backbones.md", "explain.md")
 
 
 def python_blocks(text: str) -> list[str]:

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import resnetlab
@@ -171,6 +172,7 @@ class Call:
 
     def __init__(self, app, path: str = "/predict", headers: dict | None = None) -> None:
         self.app, self.path = app, path
+        self.method = "POST" if path in ("/predict", "/explain") else "GET"
         self.headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         self.incoming: asyncio.Queue[dict] = asyncio.Queue()
         self.status: int | None = None
@@ -184,7 +186,7 @@ class Call:
         self.incoming.put_nowait({"type": "http.disconnect"})
 
     async def run(self) -> Call:
-        scope = {"type": "http", "method": "POST" if self.path == "/predict" else "GET", "path": self.path,
+        scope = {"type": "http", "method": self.method, "path": self.path,
                  "raw_path": self.path.encode(), "query_string": b"", "headers": self.headers,
                  "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http", "http_version": "1.1",
                  "asgi": {"version": "3.0"}}  # fmt: skip
@@ -329,6 +331,161 @@ def test_pixel_cap_for_serving_is_configurable(model_dir) -> None:
     big, small = asyncio.run(scenario())
     assert big.status == 413 and "exceeds the limit of 1000 pixels" in big.json()["error"]
     assert small.status == 200
+
+
+# ---------------------------------------------------------------------------- /explain and the page
+def test_explain_answers_top_k_and_the_grad_cam_overlay_of_the_top_class(client, model_dir) -> None:
+    """The JSON answer: the same top-k as /predict, the explained class, latency, and the overlay, which is
+    exactly resnetlab.explain's Grad-CAM of the top class drawn over the image the model saw."""
+    from resnetlab.explain import grad_cam, model_view, overlay
+
+    image = png_bytes(60)
+    predicted = client.post("/predict?top_k=2", content=image).json()["top"]
+    answer = client.post("/explain?top_k=2", files={"file": ("x.png", image, "image/png")})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    body = answer.json()
+    assert [t["label"] for t in body["top"]] == [t["label"] for t in predicted]
+    assert np.allclose([t["probability"] for t in body["top"]], [t["probability"] for t in predicted], atol=1e-5)
+    assert body["explained"] == body["top"][0] and body["method"] == "gradcam"
+    assert 0 < body["latency_ms"]["model"] <= body["latency_ms"]["total"]
+
+    import base64
+
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"]))).convert("RGB"))
+    predictor = Predictor.load(model_dir)
+    tensor = predictor.preprocess(image)
+    cam = grad_cam(predictor.model, tensor[None], target=body["explained"]["index"])[0]
+    view = model_view(tensor, predictor.model.config.mean, predictor.model.config.std)[0]
+    expected = overlay(view, cam, label=body["explained"]["label"], probability=body["explained"]["probability"])
+    assert served.shape == np.asarray(expected).shape and min(served.shape[:2]) >= 256
+    assert np.abs(served.astype(int) - np.asarray(expected, dtype=int)).max() <= 1
+    plain = np.asarray(overlay(view, torch.zeros_like(cam)), dtype=int)  # the photo alone, no heat
+    assert np.abs(served[: plain.shape[0]].astype(int) - plain).mean() > 5  # the heat map is drawn
+
+
+def test_explain_png_format_and_target_class(client) -> None:
+    image = png_bytes(50)
+    for answer in (client.post("/explain?format=png", content=image),
+                   client.post("/explain", content=image, headers={"accept": "image/png"})):  # fmt: skip
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        assert "model;dur=" in answer.headers["server-timing"]
+        assert min(Image.open(io.BytesIO(answer.content)).size) >= 256
+    both = client.post("/explain", content=image, headers={"accept": "application/json, image/png"})
+    assert both.headers["content-type"] == "application/json"  # JSON unless PNG is asked for alone
+    every = {t["index"]: t["probability"] for t in client.post("/predict?top_k=3", content=image).json()["top"]}
+    for target in range(3):
+        explained = client.post(f"/explain?target={target}", content=image).json()["explained"]
+        assert explained["index"] == target and explained["label"] == ["ant", "bee", "wasp"][target]
+        assert explained["probability"] == pytest.approx(every[target], abs=1e-5)
+    assert_error(client.post("/explain?target=3", content=image), 422, "class index 3 does not exist", "0..2")
+    assert_error(client.post("/explain?target=-1", content=image), 422, "target")
+    assert_error(client.post("/explain?format=gif", content=image), 422, "format")
+    assert_error(client.get("/explain"), 405)
+
+
+def test_explain_refuses_bad_uploads_exactly_like_predict(client) -> None:
+    """One input path for both endpoints: the same status and message for every bad upload."""
+    jpeg = jpeg_bytes()
+    bad = [{"content": b""}, {"content": b"hello, I am not an image"}, {"content": b"\0" * 300_000},
+           {"content": bomb_png()}, {"content": jpeg[:300]}, {"files": {"other": ("x", b"1")}},
+           {"files": [("file", ("a.png", png_bytes(), "image/png")), ("file", ("b.png", png_bytes(), "image/png"))]},
+           {"files": {"file": ("cat.jpg", jpeg[:2000], "image/jpeg")}}]  # fmt: skip
+    for request in bad:
+        predict, explain = client.post("/predict", **request), client.post("/explain", **request)
+        assert explain.status_code == predict.status_code and 400 <= explain.status_code < 500, request
+        assert assert_error(explain, predict.status_code) == predict.json()["error"]
+
+
+def test_explain_runs_one_at_a_time_and_refuses_past_its_queue(model_dir, monkeypatch) -> None:
+    """Explanations bypass the batcher and run one at a time; past ``max_explain_queue`` waiting: 503."""
+    predictor = Predictor.load(model_dir)
+    release, entered = threading.Event(), threading.Event()
+    explain, running_now, most = predictor.explain, [0], [0]
+
+    def slow_explain(*args, **kwargs):
+        running_now[0] += 1
+        most[0] = max(most[0], running_now[0])
+        entered.set()
+        release.wait(10)
+        try:
+            return explain(*args, **kwargs)
+        finally:
+            running_now[0] -= 1
+
+    monkeypatch.setattr(predictor, "explain", slow_explain)
+    app = create_app(predictor, max_explain_queue=2)
+
+    async def scenario() -> tuple[list[Call], Call]:
+        async with running(app):
+            calls = [Call(app, "/explain") for _ in range(3)]
+            for call in calls:
+                call.send_body(png_bytes())
+            tasks = [asyncio.create_task(calls[0].run())]
+            for _ in range(500):
+                if entered.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            tasks.append(asyncio.create_task(calls[1].run()))  # waits for the first
+            await asyncio.sleep(0.2)
+            await calls[2].run()  # a third: past the queue of 2
+            predict = Call(app)  # /predict does not wait behind the stalled explanation
+            predict.send_body(png_bytes())
+            await predict.run()
+            release.set()
+            await asyncio.gather(*tasks)
+            return calls, predict
+
+    calls, predict = asyncio.run(scenario())
+    assert [c.status for c in calls] == [200, 200, 503] and most[0] == 1
+    assert "already waiting" in calls[2].json()["error"] and calls[2].response_headers[b"retry-after"] == b"1"
+    assert predict.status == 200
+
+
+def test_explanations_and_batched_predictions_share_one_model_safely(model_dir) -> None:
+    """Grad-CAM hooks a stage of the model that the batcher's thread runs too: under the predictor's lock
+    each explanation sees only its own forward pass, however the two threads interleave."""
+    predictor = Predictor.load(model_dir)
+    image, batch = predictor.preprocess(png_bytes(50))[None], torch.randn(8, 3, 32, 32)
+    (alone,) = predictor.explain(image)
+    stop, errors = threading.Event(), []
+
+    def predict_forever() -> None:
+        try:
+            while not stop.is_set():
+                predictor.predict_tensors(batch)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=predict_forever)
+    thread.start()
+    try:
+        results = [predictor.explain(image)[0] for _ in range(15)]
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    for result in results:
+        assert result.target == alone.target and torch.allclose(result.cam, alone.cam, atol=1e-5)
+
+
+def test_the_page_and_its_files_are_served_with_nothing_from_elsewhere(client) -> None:
+    import re
+
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]  # the browser fetches nothing else
+    referenced = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sorted(referenced) == ["/static/app.js", "/static/favicon.svg", "/static/style.css"]
+    texts = [page.text]
+    for path, kind in (("/static/app.js", "text/javascript"), ("/static/style.css", "text/css"),
+                       ("/static/favicon.svg", "image/svg+xml")):  # fmt: skip
+        served = client.get(path)
+        assert served.status_code == 200 and served.headers["content-type"].startswith(kind)
+        texts.append(served.text)
+    for text in texts:  # no CDN, web font or remote script: works offline (SVG's namespace is a name, not a fetch)
+        text = text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+        assert not re.search(r"https?://|url\(|@import|//[a-z0-9.-]+\.[a-z]{2,}/", text), text[:200]
+    assert_error(client.get("/static/app.py"), 404, "app.js, favicon.svg, index.html, style.css")
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from resnetlab.data import eval_transform, load_image
 from resnetlab.data.images import MAX_IMAGE_PIXELS
-from resnetlab.errors import DataError
+from resnetlab.errors import ConfigError, DataError
 from resnetlab.models import ResNet
 from resnetlab.sources import load_model
 
@@ -37,6 +37,17 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         return {"top": [{"label": lab, "index": i, "probability": round(p, 6)}
                         for lab, i, p in zip(self.labels, self.indices, self.probabilities)]}  # fmt: skip
+
+
+@dataclass
+class Explanation:
+    """Top-k of one image, the class explained, its probability and its Grad-CAM map (H, W) in [0, 1]."""
+
+    prediction: Prediction
+    target: int
+    label: str
+    probability: float
+    cam: torch.Tensor
 
 
 class Predictor:
@@ -80,20 +91,40 @@ class Predictor:
             image = image.convert("L" if self.in_chans == 1 else "RGB")
         return self.transform(image)
 
+    def _on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
     @torch.no_grad()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = self._on_device(batch)
         with self._lock:
             return self.model(batch).float().cpu()
 
     def predict_tensors(self, batch: torch.Tensor, top_k: int = 5) -> list[Prediction]:
-        probabilities = self.logits(batch).softmax(dim=1)
+        return self._top(self.logits(batch).softmax(dim=1), top_k)
+
+    def _top(self, probabilities: torch.Tensor, top_k: int) -> list[Prediction]:
         k = min(top_k, probabilities.shape[1])
         values, indices = probabilities.topk(k, dim=1)
         return [Prediction([self.labels[i] for i in idx.tolist()], idx.tolist(), val.tolist())
                 for val, idx in zip(values, indices)]  # fmt: skip
+
+    def explain(self, batch: torch.Tensor, top_k: int = 5, target: int | None = None) -> list[Explanation]:
+        """Top-k of each image and its Grad-CAM map for ``target`` (a class index), by default the image's
+        top class. Grad-CAM hooks a stage of the shared model, so it holds the predictor's lock like every
+        forward pass: a concurrent pass would be captured by that hook."""
+        from resnetlab.explain import grad_cam
+
+        if target is not None and not 0 <= target < len(self.labels):
+            raise ConfigError(f"class index {target} does not exist: the model has classes 0..{len(self.labels) - 1}")
+        probabilities = self.logits(batch).softmax(dim=1)
+        predictions = self._top(probabilities, top_k)
+        targets = [p.indices[0] if target is None else target for p in predictions]
+        with self._lock:
+            cams = grad_cam(self.model, self._on_device(batch), target=torch.tensor(targets)).detach().float().cpu()
+        return [Explanation(p, t, self.labels[t], float(probabilities[i, t]), cams[i])
+                for i, (p, t) in enumerate(zip(predictions, targets))]  # fmt: skip
 
     def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[Prediction]:
         """Top-k for each image (any path, bytes or PIL image); bad images raise ``DataError``."""

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("resnetlab.cli.study", "studies of why residual networks work"),
     "serve": ("resnetlab.cli.serve", "HTTP inference with dynamic batching (FastAPI + uvicorn)"),
     "predict": ("resnetlab.cli.predict", "classify images with a trained model"),
+    "explain": ("resnetlab.cli.explain", "show where a model looks: Grad-CAM and other maps as overlay PNGs"),
     "export": ("resnetlab.cli.export", "export a model (onnx, torchscript, exported-program, tflite, coreml)"),
     "benchmark": ("resnetlab.cli.benchmark", "throughput, latency percentiles and memory vs torchvision"),
     "data": ("resnetlab.cli.data", "load a dataset (decoding it into the cache) and describe its splits"),

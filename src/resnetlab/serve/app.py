@@ -1,8 +1,9 @@
 """The HTTP service: ``create_app(predictor)`` returns a FastAPI app.
 
 Endpoints: ``POST /predict`` (an image as the raw body or as one multipart ``file``; ``?top_k=5``),
-``GET /health``, ``GET /metadata``, ``GET /metrics`` (Prometheus text format) and ``GET /stats`` (the same
-numbers as JSON).
+``POST /explain`` (the same input; top-k and a Grad-CAM overlay, as JSON or PNG), ``GET /`` (a web page
+over ``/explain``, shipped in ``resnetlab/serve/static``), ``GET /health``, ``GET /metadata``,
+``GET /metrics`` (Prometheus text format) and ``GET /stats`` (the same numbers as JSON).
 
 Every resource a request can hold is bounded, so abusive or unlucky clients cannot harm the others:
 
@@ -10,8 +11,10 @@ Every resource a request can hold is bounded, so abusive or unlucky clients cann
   between body chunks (408), and total time to send the body (408: a client dripping a byte at a time
   cannot hold a slot for long);
 - request headers must arrive within ``header_timeout`` (``serve`` only: the connection is closed);
-- ``/predict`` requests in flight, and requests waiting for the model: above the limit, 503 with
-  ``Retry-After`` at once, before the body is read;
+- ``/predict`` and ``/explain`` requests in flight, and requests waiting for the model: above the limit,
+  503 with ``Retry-After`` at once, before the body is read;
+- ``/explain`` runs one image at a time, outside the batcher (it needs gradients, and its hook on the
+  shared model must see no other pass); at most ``max_explain_queue`` wait for it, more get 503;
 - decoded pixels per image (413 for more, checked from the header before decoding) and images decoded at
   once (the others wait their turn).
 
@@ -22,13 +25,17 @@ no image format gets 415, an image that cannot be decoded (truncated, corrupt) 4
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import os
 import re
 import time
 from contextlib import asynccontextmanager
-from typing import Any
+from importlib import resources
+from typing import Any, Literal
 
+import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -37,7 +44,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from resnetlab.data.images import ImageBoundsError
-from resnetlab.errors import DataError
+from resnetlab.errors import DataError, ResNetLabError
 from resnetlab.inference import Predictor
 from resnetlab.serve.batcher import DynamicBatcher, Overloaded
 from resnetlab.serve.metrics import PROMETHEUS_CONTENT_TYPE, ServiceMetrics
@@ -48,6 +55,11 @@ SERVE_MAX_PIXELS = 50_000_000
 #: arrive in several pieces: the app checks the whole request head too).
 MAX_HEADER_BYTES = 16 * 1024
 RETRY_AFTER_S = 1
+#: Endpoints that take an image: capped in flight, their bodies bounded.
+IMAGE_ENDPOINTS = frozenset({"/predict", "/explain"})
+#: The web page's files (package data), by the name they are served under: ``/`` and ``/static/NAME``.
+PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+              "style.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}  # fmt: skip
 # "<_io.BytesIO object at 0x7f...>" and the like: Python object reprs say nothing to a client
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
@@ -80,8 +92,8 @@ def status_for(error: DataError, data: bytes) -> int:
 
 
 class RequestGuard:
-    """ASGI middleware: request-head, body size and time limits, a cap on ``/predict`` requests in flight,
-    and the status and latency of every response (for ``/metrics``)."""
+    """ASGI middleware: request-head, body size and time limits, a cap on ``/predict`` and ``/explain``
+    requests in flight, and the status and latency of every response (for ``/metrics``)."""
 
     def __init__(self, app: Any, *, max_bytes: int, read_timeout: float, body_timeout: float,
                  max_in_flight: int, metrics: ServiceMetrics, endpoints: frozenset[str],
@@ -118,7 +130,7 @@ class RequestGuard:
             message = f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}"
             await _send_error(tracking_send, 413, message)
             return
-        limited = scope["path"] == "/predict"
+        limited = scope["path"] in IMAGE_ENDPOINTS
         if limited and self.in_flight >= self.max_in_flight:
             message = f"the server is busy ({self.in_flight} requests in flight); retry in {RETRY_AFTER_S} s"
             await _send_error(tracking_send, 503, message, retry_after=True)
@@ -184,7 +196,7 @@ def _validation_message(err: RequestValidationError) -> str:
 
 
 async def _read_upload(request: Request) -> tuple[bytes, str] | Response:
-    """The image of a ``/predict`` request and a name for messages; an error response for a multipart
+    """The image of a ``/predict`` or ``/explain`` request and a name for messages; an error response for a multipart
     request that does not carry exactly one file, in a field named ``file``."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         return await request.body(), "request body"
@@ -197,6 +209,36 @@ async def _read_upload(request: Request) -> tuple[bytes, str] | Response:
     if upload is None or isinstance(upload, str):
         return error_response(400, "multipart upload needs a 'file' field holding the image")
     return await upload.read(), upload.filename or "upload"
+
+
+#: The page's own files only: no script, style, font or image from elsewhere (it works offline).
+PAGE_HEADERS = {"cache-control": "no-cache", "x-content-type-options": "nosniff",
+                "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                                           "base-uri 'none'; frame-ancestors 'none'"}  # fmt: skip
+
+
+def _prefers_png(accept: str) -> bool:
+    """Whether an Accept header asks for ``image/png`` rather than JSON (JSON is the default)."""
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return "image/png" in types and "application/json" not in types
+
+
+def explanation(predictor: Predictor, tensor: torch.Tensor, top_k: int,
+                target: int | None) -> tuple[dict[str, Any], bytes, float]:  # fmt: skip
+    """``/explain`` for one preprocessed image: the JSON answer (top-k and the explained class), the Grad-CAM
+    overlay as PNG bytes, and the seconds the model took (forward pass and Grad-CAM)."""
+    from resnetlab.explain import model_view, overlay
+
+    started = time.perf_counter()
+    (result,) = predictor.explain(tensor[None], top_k, target)
+    seconds = time.perf_counter() - started
+    config = predictor.model.config
+    picture = overlay(model_view(tensor, config.mean, config.std)[0], result.cam, label=result.label,
+                      probability=result.probability)  # fmt: skip
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    explained = {"label": result.label, "index": result.target, "probability": round(result.probability, 6)}
+    return {**result.prediction.to_dict(), "explained": explained, "method": "gradcam"}, buffer.getvalue(), seconds
 
 
 def create_app(
@@ -212,9 +254,11 @@ def create_app(
     max_pixels: int = SERVE_MAX_PIXELS,
     max_header_bytes: int = MAX_HEADER_BYTES,
     decode_workers: int | None = None,
+    max_explain_queue: int = 8,
 ) -> Any:
     """The ASGI app. Worst-case memory is about ``max_concurrent x max_body_bytes`` (bodies held) plus
-    ``decode_workers x max_pixels x ~8 bytes`` (images being decoded and resized) plus the model."""
+    ``decode_workers x max_pixels x ~8 bytes`` (images being decoded and resized) plus the model, plus one
+    Grad-CAM pass (``/explain``: activations and gradients of one image)."""
     batcher = DynamicBatcher(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
     metrics = ServiceMetrics(max_batch=max_batch, queue_depth=batcher.queue.qsize, in_flight=lambda: guard.in_flight)
     batcher.on_batch, batcher.on_refused = metrics.observe_batch, metrics.refused.inc
@@ -268,8 +312,8 @@ def create_app(
     async def stats() -> dict[str, Any]:
         return metrics.snapshot()
 
-    @app.post("/predict")
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> Any:
+    async def read_image(request: Request) -> torch.Tensor | Response:
+        """The request's image as the model's input tensor, or the error response (/predict and /explain)."""
         upload = await _read_upload(request)
         if isinstance(upload, Response):
             return upload
@@ -278,14 +322,70 @@ def create_app(
             return error_response(400, "empty body: send an image")
         try:
             async with decode_slots:  # bounds the memory of images being decoded at once
-                tensor = await asyncio.to_thread(predictor.preprocess, data, name, max_pixels=max_pixels)
+                return await asyncio.to_thread(predictor.preprocess, data, name, max_pixels=max_pixels)
         except DataError as err:
             return error_response(status_for(err, data), str(err))
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> Any:
+        tensor = await read_image(request)
+        if isinstance(tensor, Response):
+            return tensor
         try:
             prediction = await batcher.submit(tensor, min(top_k, len(predictor.labels)))
         except Overloaded as err:
             return error_response(503, str(err), headers={"retry-after": str(RETRY_AFTER_S)})
         return prediction.to_dict()
+
+    explain_slot = asyncio.Semaphore(1)
+    explain_waiting = 0
+
+    @app.post("/explain")
+    async def explain(request: Request, top_k: int = Query(5, ge=1, le=1000), target: int | None = Query(None, ge=0),
+                      format: Literal["json", "png"] | None = Query(None)) -> Any:  # fmt: skip
+        nonlocal explain_waiting
+        started = time.perf_counter()
+        classes = len(predictor.labels)
+        if target is not None and target >= classes:
+            return error_response(422, f"target: class index {target} does not exist; the model has classes "
+                                       f"0..{classes - 1} (GET /metadata lists them)")  # fmt: skip
+        tensor = await read_image(request)
+        if isinstance(tensor, Response):
+            return tensor
+        if explain_waiting >= max_explain_queue:
+            message = f"{explain_waiting} /explain requests are already waiting; retry in {RETRY_AFTER_S} s"
+            return error_response(503, message, headers={"retry-after": str(RETRY_AFTER_S)})
+        explain_waiting += 1
+        try:
+            async with explain_slot:  # one at a time: a Grad-CAM pass holds activations and gradients
+                result = await asyncio.to_thread(explanation, predictor, tensor, min(top_k, classes), target)
+        except ResNetLabError as err:  # a model without gradients or stages (an export)
+            return error_response(501, f"this model cannot be explained: {err}")
+        finally:
+            explain_waiting -= 1
+        answer, png, model_seconds = result
+        total_ms, model_ms = (time.perf_counter() - started) * 1000, model_seconds * 1000
+        if format == "png" or (format is None and _prefers_png(request.headers.get("accept", ""))):
+            timing = f"model;dur={model_ms:.1f}, total;dur={total_ms:.1f}"
+            return Response(png, media_type="image/png", headers={"server-timing": timing})
+        answer["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
+        answer["latency_ms"] = {"model": round(model_ms, 1), "total": round(total_ms, 1)}
+        return answer
+
+    page = {name: resources.files("resnetlab.serve").joinpath("static", name).read_bytes() for name in PAGE_FILES}
+
+    def page_file(name: str) -> Response:
+        return Response(page[name], media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return page_file("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        if name not in page:
+            raise HTTPException(404, f"no file {name!r}: the page's files are {', '.join(sorted(page))}")
+        return page_file(name)
 
     guard = RequestGuard(app, max_bytes=max_body_bytes, read_timeout=read_timeout, body_timeout=body_timeout,
                          max_in_flight=max_concurrent, max_header_bytes=max_header_bytes, metrics=metrics,

@@ -26,7 +26,8 @@ def batch_size_buckets(max_batch: int) -> tuple[float, ...]:
 
 class ServiceMetrics:
     """Responses by status, request latency by endpoint, batch sizes and forward-pass time, refusals, and
-    two gauges read when scraped: requests waiting for the model and ``/predict`` requests in flight."""
+    two gauges read when scraped: requests waiting for the model, and image requests (``/predict``,
+    ``/explain``) in flight."""
 
     def __init__(self, *, max_batch: int, queue_depth: Callable[[], int], in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -43,7 +44,7 @@ class ServiceMetrics:
         self.refused = Counter("resnetlab_queue_refused", "Requests refused (503) because the model's queue was full",
                                registry=r)  # fmt: skip
         Gauge("resnetlab_queue_depth", "Decoded images waiting for the model", registry=r).set_function(queue_depth)
-        Gauge("resnetlab_requests_in_flight", "/predict requests being received or answered",
+        Gauge("resnetlab_requests_in_flight", "/predict and /explain requests being received or answered",
               registry=r).set_function(in_flight)  # fmt: skip
 
     def observe_response(self, status: int, endpoint: str, seconds: float) -> None:
