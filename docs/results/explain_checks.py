@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-images", type=int, help="images for scorecam and occlusion (default: --images)")
     parser.add_argument("--slow-mosaics", type=int, help="mosaics for scorecam and occlusion (default: --mosaics)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--pool", type=int, default=2000, help="shuffled test images the checks draw from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figure", type=Path, help="write the overlay figure here (PNG)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object (the default)")
@@ -100,13 +101,18 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(_shared(WEIGHTS)).eval()
     bundle = build_data(_shared(DATA), augment="none")
-    images = normalise_uint8(bundle.test.images, model.config.mean, model.config.std)
-    labels = torch.tensor(bundle.test.targets)
+    # The test set is stored class by class: a seeded shuffle gives every class its share of the --pool
+    # images that the checks draw from (the randomisation check takes the first ones, right or wrong).
+    shuffled = torch.randperm(len(bundle.test.targets), generator=torch.Generator().manual_seed(args.seed))
+    pool = shuffled[: args.pool]
+    images = normalise_uint8(bundle.test.images[pool], model.config.mean, model.config.std)
+    labels = torch.tensor(bundle.test.targets)[pool]
     started = time.perf_counter()
     ok = correctly_classified(model, images, labels)
     result: dict[str, Any] = {
         "model": "resnet56 (cifar10_akamaster)", "data": "CIFAR-10 JPEG test set", "seed": args.seed,
-        "test_accuracy": round(float(ok.float().mean()), 4), "randomisation": [], "pointing_game": [],
+        "pool": len(pool), "pool_accuracy": round(float(ok.float().mean()), 4),
+        "randomisation": [], "pointing_game": [],
     }  # fmt: skip
     stage_total = len(model.stage_names)
     if args.figure:
@@ -114,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         figure(model, images[picks], labels[picks], list(bundle.classes), args.figure)
         result["figure"] = str(args.figure)
 
-    # Pointing game on mosaics of correctly classified test images (four different classes each), and the
-    # randomisation check on the first test images (right or wrong), true-class maps; each row is also
+    # Pointing game on mosaics of correctly classified pool images (four different classes each), and the
+    # randomisation check on the first pool images (right or wrong), true-class maps; each row is also
     # printed to stderr as soon as it is measured.
     mosaics, classes = make_mosaics(images[ok], labels[ok], args.mosaics, seed=args.seed)
     for method in args.methods:
