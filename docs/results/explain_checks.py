@@ -123,17 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     # Pointing game on mosaics of correctly classified pool images (four different classes each), and the
     # randomisation check on the first pool images (right or wrong), true-class maps; each row is also
     # printed to stderr as soon as it is measured.
-    mosaics, classes = make_mosaics(images[ok], labels[ok], args.mosaics, seed=args.seed)
+    most = max(args.mosaics, args.slow_mosaics or 0)
+    mosaics, classes = make_mosaics(images[ok], labels[ok], most, seed=args.seed) if most else (None, None)
     for method in args.methods:
         slow = method in ("scorecam", "occlusion")
         n_mosaics = (args.slow_mosaics or args.mosaics) if slow else args.mosaics
         n_images = (args.slow_images or args.images) if slow else args.images
         for stage in _stages(method, stage_total):
-            options = MOSAIC_OCCLUSION if method == "occlusion" else {}
-            game = pointing_game(model, mosaics[:n_mosaics], classes[:n_mosaics], method=method, stage=stage,
-                                 **options)  # fmt: skip
-            result["pointing_game"].append(game.to_dict())
-            print(json.dumps(game.to_dict()), file=sys.stderr, flush=True)
+            if n_mosaics:
+                options = MOSAIC_OCCLUSION if method == "occlusion" else {}
+                game = pointing_game(model, mosaics[:n_mosaics], classes[:n_mosaics], method=method, stage=stage,
+                                     **options)  # fmt: skip
+                result["pointing_game"].append(game.to_dict())
+                print(json.dumps(game.to_dict()), file=sys.stderr, flush=True)
+            if not n_images:
+                continue
             check = randomisation_check(model, images[:n_images], labels[:n_images], method=method, stage=stage,
                                         seed=args.seed)  # fmt: skip
             result["randomisation"].append(check.to_dict())
