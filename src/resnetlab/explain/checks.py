@@ -48,14 +48,22 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class RandomisationResult:
-    """Rank correlations, one per image, between the trained and the re-initialised net's maps."""
+    """Rank correlations, one per image, between the trained and the re-initialised net's maps.
+
+    A constant map (typically all zero: the random net's weighted channels are negative everywhere, and the
+    ReLU of Grad-CAM leaves nothing) has no ranking: its correlation is NaN here, counted in ``constant``
+    and as 0 (no shared ranking) in ``median``; ``median_defined`` leaves those images out."""
 
     method: str
     stage: int | None
-    correlations: list[float]  # NaN where a map was constant (no ranking to compare)
+    correlations: list[float]
 
     @property
     def median(self) -> float:
+        return float(np.median([c if c == c else 0.0 for c in self.correlations]))
+
+    @property
+    def median_defined(self) -> float:
         defined = [c for c in self.correlations if c == c]
         return float(np.median(defined)) if defined else float("nan")
 
@@ -64,10 +72,8 @@ class RandomisationResult:
         return sum(c != c for c in self.correlations)
 
     def to_dict(self) -> dict[str, object]:
-        defined = [abs(c) for c in self.correlations if c == c]
         return {"method": self.method, "stage": self.stage, "images": len(self.correlations),
-                "median_spearman": round(self.median, 4),
-                "median_abs_spearman": round(float(np.median(defined)), 4) if defined else None,
+                "median_spearman": round(self.median, 4), "median_spearman_defined": round(self.median_defined, 4),
                 "constant_maps": self.constant}  # fmt: skip
 
 
