@@ -1,7 +1,8 @@
 """``TrainConfig``: every knob of a training run, loaded from a named recipe and overridden by the user.
 
-Recipes are YAML files in ``resnetlab/recipes/`` (``cifar-paper``, ``imagenet-v1``, ``imagenet-modern``,
-``finetune``, ``demo``); a path to any YAML file works too, so users copy one and edit it.
+Recipes are YAML files in ``resnetlab/recipes/`` (``cifar-paper``, ``cifar-fast``, ``imagenet-v1``,
+``imagenet-modern``, ``imagenet-torchvision``, ``imagenet-rsb-a1``/``-a2``/``-a3``, ``finetune``, ``demo``);
+a path to any YAML file works too, so users copy one and edit it.
 """
 
 from __future__ import annotations

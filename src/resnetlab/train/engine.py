@@ -668,7 +668,7 @@ class TrainRun:
             loss = classification_loss(logits.float(), targets, self.cfg)
         if not torch.isfinite(loss):
             raise self._diverged(loss.item())
-        self.scaler.scale(loss / parts if parts > 1 else loss).backward()
+        self.scaler.scale(loss / parts).backward()
         loss_value = loss.item()
         self.running["loss"] += loss_value * len(y)
         self.running["correct"] += int((logits.argmax(1) == y).sum())
