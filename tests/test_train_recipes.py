@@ -224,7 +224,7 @@ TORCHVISION = {
     "momentum": 0.9, "nesterov": False, "weight_decay": 2e-5, "no_decay_norm": True, "no_decay_norm_bias": False,
     "batch_size": 1024, "epochs": 600, "schedule": "cosine", "schedule_unit": "epoch", "warmup_epochs": 5,
     "warmup_start": 0.01, "loss": "ce", "label_smoothing": 0.1, "mixup_alpha": 0.2, "cutmix_alpha": 1.0,
-    "ema_every": 32, "ema_decay": 1 - (1 - 0.99998) * 8 * 128 * 32 / 600,
+    "ema_every": 32, "ema_decay": 1.0 - min(1.0, (1.0 - 0.99998) * (8 * 128 * 32 / 600)),  # train.py's arithmetic
 }  # fmt: skip
 RSB_COMMON = {
     "model": "resnet50", "eval_image_size": 224, "eval_resize": math.floor(224 / 0.95), "interpolation": "bicubic",
