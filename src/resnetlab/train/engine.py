@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -455,11 +457,14 @@ class TrainRun:
 
     # ------------------------------------------------------------------------------------ set-up
     def _seed(self) -> None:
-        """Seed the global RNG (the model's initialisation draws from it) and pick the kernels' modes."""
+        """Seed the global RNGs (the model's initialisation draws from torch's; timm's RandAugment, run in the
+        main process when num_workers is 0, from Python's and NumPy's) and pick the kernels' modes."""
         cfg, device = self.cfg, self.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
