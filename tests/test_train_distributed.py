@@ -58,6 +58,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path) -> None:
         assert torch.allclose(one[key], two[key], atol=1e-5), key
 
 
+def test_two_processes_accumulating_micro_batches_equal_one_with_the_whole_batch(tmp_path) -> None:
+    """--accum-steps 2 under torchrun: each step is 2 micro-batches of 8 on each of 2 processes (DDP skips the
+    all-reduce on the first, no_sync), and gives the weights of one process taking each batch of 32 whole."""
+    single = subprocess.run([sys.executable, "-m", "resnetlab.cli.main", *ARGS, "--run-dir", str(tmp_path / "one")],
+                            env=ENV, capture_output=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr.decode()[-3000:]
+    check(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", run_dir=tmp_path / "two",
+                   extra=("--accum-steps", "2")))  # fmt: skip
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5), key
+
+
 def test_two_node_rendezvous_on_localhost(tmp_path) -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",

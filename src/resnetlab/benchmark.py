@@ -164,7 +164,7 @@ def _engine_runs(name: str, example: torch.Tensor, *, data: str | None, dtype: s
     targets = torch.randint(0, bundle.num_classes, (batch,), generator=torch.Generator().manual_seed(0))
 
     def fixed(x: torch.Tensor) -> None:
-        run.step_on(x, targets.to(x.device))
+        run.step_on([(x, targets.to(x.device))])
 
     def batches() -> Any:
         epoch = 0
@@ -175,7 +175,7 @@ def _engine_runs(name: str, example: torch.Tensor, *, data: str | None, dtype: s
     stream = batches()
 
     def with_data(_: torch.Tensor) -> None:
-        run.step_on(*next(stream))
+        run.step_on([next(stream)])
 
     weights = _weights_mb(run.raw_model)
     return [Contestant("resnetlab", fixed, weights), Contestant("resnetlab_with_data", with_data, weights)]

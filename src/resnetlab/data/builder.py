@@ -61,6 +61,7 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str = "none"  # the training recipe actually used: "cifar", "imagenet" or "none"
+    eval_size: int | None = None  # the side val/test images are cropped to, when not image_size (the train crop)
     hflip: bool = True  # whether training flips images horizontally (not for digits)
     skipped: list[str] = field(default_factory=list)  # files reported and left out, with the reason
     train_tf: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False)
@@ -139,6 +140,8 @@ def build_data(
     auto_augment: str | None = None,
     random_erasing: float = 0.0,
     crop_pct: float | None = None,
+    eval_image_size: int | None = None,
+    interpolation: str = "bilinear",
     ten_crop: bool = False,
     cache: bool | None = None,
     follow_symlinks: bool = False,
@@ -159,9 +162,12 @@ def build_data(
     mean, std: normalisation; default the dataset's own statistics (ImageNet's for photos).
     auto_augment: "trivialaugment" | "autoaugment" | "randaugment" | "augmix" on the train split.
     random_erasing: probability of RandomErasing on the train split.
-    crop_pct, ten_crop: eval resize = image_size / crop_pct (default 1 for small images, 0.875 for photos)
+    crop_pct, ten_crop: eval resize = eval size / crop_pct (default 1 for small images, 0.875 for photos)
         then center crop, or the paper's ten crops stacked as ``(10, C, H, W)`` (five when the data is
         not flipped in training, as digits; see ``eval_transform``).
+    eval_image_size: the val/test crop when it differs from the train crop ``image_size`` (torchvision's
+        recipe trains at 176 and evaluates at 224, "FixRes" effect: Touvron et al. 2019).
+    interpolation: "bilinear" or "bicubic", of the random-resized crop, the policies and the eval resize.
     cache: decode into a uint8 tensor cache (default: when images are <= 64 px); False decodes per item.
     follow_symlinks: follow symlinks leading out of an ImageFolder directory.
     check_images: for per-item decoding, probe every header at index time and skip unreadable files.
@@ -180,8 +186,10 @@ def build_data(
         recipe = "cifar" if size <= SMALL_IMAGE_MAX else "imagenet"
     # every image of a tensor dataset has the native size, so resizing to it can be left out
     native = loaded.native_size if all(isinstance(d, TensorImageDataset) for d in loaded.splits.values()) else None
-    eval_tf = eval_transform(size, mean, std, ten_crop=ten_crop, hflip=loaded.hflip, source_size=native,
-                             crop_pct=crop_pct or (1.0 if size <= SMALL_IMAGE_MAX else 0.875))  # fmt: skip
+    eval_size = eval_image_size or size
+    eval_tf = eval_transform(eval_size, mean, std, ten_crop=ten_crop, hflip=loaded.hflip, source_size=native,
+                             crop_pct=crop_pct or (1.0 if eval_size <= SMALL_IMAGE_MAX else 0.875),
+                             interpolation=interpolation)  # fmt: skip
     if recipe == "none":
         train_tf = eval_transform(size, mean, std, crop_pct=crop_pct or 1.0, source_size=native)
     elif recipe == "cifar":
@@ -189,7 +197,7 @@ def build_data(
                                          random_erasing=random_erasing, source_size=native)  # fmt: skip
     else:
         train_tf = imagenet_train_transform(size, mean, std, hflip=loaded.hflip, auto_augment=auto_augment,
-                                            random_erasing=random_erasing)  # fmt: skip
+                                            random_erasing=random_erasing, interpolation=interpolation)  # fmt: skip
 
     splits = loaded.splits
     if "train" not in splits:
@@ -207,7 +215,8 @@ def build_data(
         val=val.with_transform(eval_tf) if val is not None else None,
         test=test.with_transform(eval_tf) if test is not None else None,
         classes=loaded.classes, in_chans=loaded.in_chans, image_size=size, mean=mean, std=std,
-        augment=recipe, hflip=loaded.hflip, skipped=loaded.skipped, train_tf=train_tf, eval_tf=eval_tf,
+        augment=recipe, eval_size=eval_image_size if eval_image_size != size else None, hflip=loaded.hflip,
+        skipped=loaded.skipped, train_tf=train_tf, eval_tf=eval_tf,
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ per-image transforms. Same distribution as ``cifar_train_transform``; different 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -17,12 +18,29 @@ import torch.nn.functional as F
 from resnetlab.data.datasets import TensorImageDataset
 from resnetlab.errors import ConfigError
 
+#: Repeated augmentation keeps this many images per rank and epoch, rounded down to a multiple of this
+#: (DeiT's RASampler, kept by torchvision's and timm's).
+REPEAT_ROUND = 256
 
-def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                repeats: int = 1) -> torch.Tensor:  # fmt: skip
     """The indices of ``n`` samples that ``rank`` walks in ``epoch``: a permutation seeded by ``seed + epoch``
     (or ``0..n-1``), padded to a multiple of ``world_size`` and sharded as ``DistributedSampler`` does, so
-    the ranks' batches together hold the images of one process's global batch."""
+    the ranks' batches together hold the images of one process's global batch.
+
+    ``repeats > 1``: repeated augmentation (Hoffer et al. 2020; DeiT's RASampler): each image of the
+    permutation appears ``repeats`` times in a row, dealt round-robin to the ranks (so its copies land on
+    different ranks, each augmenting it its own way), and each rank keeps ``n // 256 * 256 / world_size``
+    of its share, so an epoch still takes about ``n`` images in all. This is timm's ``RepeatAugSampler``
+    (with ``seed=0`` the same indices, which the tests check) and torchvision's ``RASampler``.
+    """
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
+    if repeats > 1:
+        per_rank = math.ceil(n * repeats / world_size)
+        kept = n // REPEAT_ROUND * REPEAT_ROUND // world_size if n >= REPEAT_ROUND else math.ceil(n / world_size)
+        dealt = torch.arange(rank, per_rank * world_size, world_size)[: min(kept, per_rank)]
+        return order.repeat_interleave(repeats)[dealt % (n * repeats)]
     if world_size > 1:
         order = torch.cat([order, order[: (-n) % world_size]])[rank::world_size]
     return order

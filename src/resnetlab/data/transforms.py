@@ -24,21 +24,64 @@ AUTO_AUGMENT_NAMES = {
 }  # fmt: skip
 
 
-def auto_augment_transform(name: str | None, *, small_images: bool = False) -> list[v2.Transform]:
-    """The policy ``name`` (see AUTO_AUGMENT_NAMES); AutoAugment uses its CIFAR-10 policy on small images."""
+#: ``interpolation=`` names -> torchvision's modes.
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+def auto_augment_transform(
+    name: str | None,
+    *,
+    small_images: bool = False,
+    interpolation: str | None = None,
+    image_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+) -> list[v2.Transform]:
+    """The policy ``name`` (see AUTO_AUGMENT_NAMES); AutoAugment uses its CIFAR-10 policy on small images.
+    ``interpolation``: of the geometric operations (None: the policy's default, nearest).
+
+    A timm RandAugment spec (``rand-m7-mstd0.5-inc1``: magnitude 7 with noise of std 0.5, the ops whose
+    strength increases with the magnitude; ResNet strikes back's) runs timm's own implementation, with the
+    settings timm's ``create_transform`` gives it for ``image_size`` and ``mean``; it needs timm.
+    """
     if name is None or name.lower() == "none":
         return []
+    if name.lower().startswith("rand-"):
+        return timm_rand_augment(name.lower(), image_size=image_size, mean=mean, interpolation=interpolation)
     policy = AUTO_AUGMENT_NAMES.get(name.lower())
+    mode = {"interpolation": INTERPOLATIONS[interpolation]} if interpolation else {}
     if policy == "trivialaugment":
-        return [v2.TrivialAugmentWide()]
+        return [v2.TrivialAugmentWide(**mode)]
     if policy == "autoaugment":
         which = v2.AutoAugmentPolicy.CIFAR10 if small_images else v2.AutoAugmentPolicy.IMAGENET
-        return [v2.AutoAugment(which)]
+        return [v2.AutoAugment(which, **mode)]
     if policy == "randaugment":
-        return [v2.RandAugment()]
+        return [v2.RandAugment(**mode)]
     if policy == "augmix":
-        return [v2.AugMix()]
-    raise ConfigError(f"unknown auto_augment {name!r}; choose one of {sorted(set(AUTO_AUGMENT_NAMES.values()))}")
+        return [v2.AugMix(**mode)]
+    raise ConfigError(f"unknown auto_augment {name!r}; choose one of {sorted(set(AUTO_AUGMENT_NAMES.values()))} "
+                      "or a timm RandAugment spec such as rand-m7-mstd0.5-inc1")  # fmt: skip
+
+
+def timm_rand_augment(spec: str, *, image_size: int, mean: Sequence[float],
+                      interpolation: str | None) -> list[v2.Transform]:  # fmt: skip
+    """timm's RandAugment for ``spec`` on PIL images, between conversions from and to a tensor image."""
+    try:
+        from timm.data.auto_augment import rand_augment_transform
+    except ImportError:
+        raise ConfigError(f"auto_augment={spec!r} is timm's RandAugment: pip install 'resnetlab[train]' "
+                          "(or timm)") from None  # fmt: skip
+    hparams: dict[str, Any] = {"translate_const": int(image_size * 0.45),  # as timm's create_transform sets them
+                               "img_mean": tuple(min(255, round(255 * m)) for m in mean)}  # fmt: skip
+    if interpolation:
+        from timm.data.transforms import str_to_pil_interp
+
+        hparams["interpolation"] = str_to_pil_interp(interpolation)
+    try:
+        policy = rand_augment_transform(spec, hparams)
+    except (AssertionError, ValueError, KeyError) as err:
+        raise ConfigError(f"auto_augment={spec!r} is not a timm RandAugment spec (e.g. rand-m7-mstd0.5-inc1): "
+                          f"{err}") from None  # fmt: skip
+    return [v2.ToPILImage(), policy, v2.PILToTensor()]
 
 
 def _to_normalized(mean: Sequence[float], std: Sequence[float], random_erasing: float = 0.0) -> list[v2.Transform]:
@@ -82,12 +125,15 @@ def imagenet_train_transform(
     hflip: bool = True,
     auto_augment: str | None = None,
     random_erasing: float = 0.0,
+    interpolation: str = "bilinear",
 ) -> v2.Compose:
-    """ImageNet-style training: RandomResizedCrop, flip, optional auto-augment policy, RandomErasing."""
-    steps: list[v2.Transform] = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=scale)]
+    """ImageNet-style training: RandomResizedCrop, flip, optional auto-augment policy, RandomErasing; the
+    crop and the policy's geometric operations resample with ``interpolation`` (as torchvision's reference)."""
+    mode = INTERPOLATIONS[interpolation]
+    steps: list[v2.Transform] = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=scale, interpolation=mode)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    steps += auto_augment_transform(auto_augment)
+    steps += auto_augment_transform(auto_augment, interpolation=interpolation, image_size=image_size, mean=mean)
     return v2.Compose(steps + _to_normalized(mean, std, random_erasing))
 
 
@@ -132,6 +178,7 @@ def eval_transform(
     ten_crop: bool = False,
     hflip: bool = True,
     source_size: int | None = None,
+    interpolation: str = "bilinear",
 ) -> v2.Compose:
     """Resize the shorter side to ``image_size / crop_pct``, then a center crop; both are left out when
     ``crop_pct=1`` and ``source_size == image_size``.
@@ -147,7 +194,8 @@ def eval_transform(
     steps: list[v2.Transform] = [v2.ToImage()]
     if crop_pct != 1 or source_size != image_size:
         side = round(image_size / crop_pct)  # a model with a large input may resize to more than the default limit
-        steps += [RefuseHugeResize(side, max(MAX_RESIZED_PIXELS, 4 * side * side)), v2.Resize(side)]
+        steps += [RefuseHugeResize(side, max(MAX_RESIZED_PIXELS, 4 * side * side)),
+                  v2.Resize(side, interpolation=INTERPOLATIONS[interpolation])]  # fmt: skip
     if ten_crop:
         if crop_pct == 1:
             steps += [v2.CenterCrop(image_size), v2.Pad(image_size // 8)]

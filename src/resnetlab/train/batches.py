@@ -15,16 +15,18 @@ from resnetlab.train.config import TrainConfig
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, sharded across ranks like DistributedSampler, that can start
-    part-way through an epoch (for exact resumption)."""
+    """A seeded permutation per epoch, sharded across ranks like DistributedSampler (or with repeated
+    augmentation, ``repeats``), that can start part-way through an epoch (for exact resumption)."""
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 repeats: int = 1) -> None:  # fmt: skip
         self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.repeats = repeats  # repeated augmentation (see epoch_order)
         self.epoch, self.start = 0, 0
 
     def indices(self) -> list[int]:
         return epoch_order(self.n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                           world_size=self.world_size).tolist()  # fmt: skip
+                           world_size=self.world_size, repeats=self.repeats).tolist()  # fmt: skip
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :])
@@ -43,7 +45,7 @@ class TrainBatches:
         rank, world = dist.rank(), dist.world_size()
         self.on_device = (
             cfg.data_on_device and isinstance(train, TensorImageDataset) and bundle.augment in ("cifar", "none")
-            and not cfg.auto_augment and not cfg.random_erasing
+            and not cfg.auto_augment and not cfg.random_erasing and cfg.repeated_aug == 1
         )  # fmt: skip
         if self.on_device:
             self.batches = DeviceBatches(
@@ -52,7 +54,8 @@ class TrainBatches:
                 hflip=bundle.hflip, drop_last=True, seed=cfg.seed, rank=rank, world_size=world,
             )  # fmt: skip
             return
-        self.sampler = EpochSampler(len(train), shuffle=True, seed=cfg.seed, rank=rank, world_size=world)
+        self.sampler = EpochSampler(len(train), shuffle=True, seed=cfg.seed, rank=rank, world_size=world,
+                                    repeats=cfg.repeated_aug)  # fmt: skip
         # The loader's own generator seeds its workers, so creating it mid-epoch on resume draws nothing
         # from the global RNG that the uninterrupted run would not have drawn.
         self.generator, self.seed = torch.Generator(), cfg.seed

@@ -1,7 +1,8 @@
 """``TrainConfig``: every knob of a training run, loaded from a named recipe and overridden by the user.
 
-Recipes are YAML files in ``resnetlab/recipes/`` (``cifar-paper``, ``imagenet-v1``, ``imagenet-modern``,
-``finetune``, ``demo``); a path to any YAML file works too, so users copy one and edit it.
+Recipes are YAML files in ``resnetlab/recipes/`` (``cifar-paper``, ``cifar-fast``, ``imagenet-v1``,
+``imagenet-modern``, ``imagenet-torchvision``, ``imagenet-rsb-a1``/``-a2``/``-a3``, ``finetune``, ``demo``);
+a path to any YAML file works too, so users copy one and edit it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 #: Options with a fixed set of values.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": ("sgd", "adamw"), "schedule": ("step", "cosine", "constant"), "milestone_unit": ("epoch", "iter"),
+    "optimizer": ("sgd", "adamw", "lamb"), "schedule": ("step", "cosine", "constant"),
+    "milestone_unit": ("epoch", "iter"), "schedule_unit": ("iter", "epoch"), "loss": ("ce", "bce"),
+    "interpolation": ("bilinear", "bicubic"),
     "amp": ("auto", "bf16", "fp16", "off"), "compile_mode": COMPILE_MODES,
     "optimizer_impl": ("auto", "fused", "foreach", "loop"),
 }  # fmt: skip
@@ -45,6 +48,14 @@ BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda v: v > 0, "a positive integer"),
     "max_iters": (lambda v: v > 0, "a positive integer"),
     "image_size": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"a positive integer up to {MAX_IMAGE_SIZE}"),
+    "eval_image_size": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"a positive integer up to {MAX_IMAGE_SIZE}"),
+    "eval_resize": (lambda v: 0 < v <= MAX_IMAGE_SIZE, f"a positive integer up to {MAX_IMAGE_SIZE}"),
+    "accum_steps": (lambda v: v > 0, "a positive integer (1: no accumulation)"),
+    "repeated_aug": (lambda v: v > 0, "a positive integer (1: off; torchvision and RSB use 4 and 3)"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "warmup_start": (lambda v: 0 <= v <= 1, "a fraction of lr in [0, 1] (e.g. 0.01)"),
+    "bce_target_thresh": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.2)"),
+    "ema_every": (lambda v: v > 0, "a positive number of steps"),
     "num_workers": (lambda v: v >= 0, ">= 0 (0: load in the main process)"),
     "seed": (lambda v: 0 <= v <= MAX_SEED, f"in 0..{MAX_SEED}"),
     "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.1)"),
@@ -76,33 +87,45 @@ class TrainConfig:
     data: str | None = None  # None = the bundled digits
     image_size: int | None = None
     augment: str = "auto"
-    auto_augment: str | None = None
+    auto_augment: str | None = None  # trivialaugment | randaugment | ... | timm's "rand-m7-mstd0.5-inc1"
     random_erasing: float = 0.0
+    repeated_aug: int = 1  # each image this many times per batch, on different ranks (Hoffer et al. 2020)
+    interpolation: str = "bilinear"  # of the random-resized crop and the eval resize: bilinear | bicubic
+    eval_image_size: int | None = None  # the eval center crop; None: image_size (the train crop)
+    eval_resize: int | None = None  # eval: resize the short side to this, then center-crop; None: the default
     val_split: float = 0  # fraction or count held out of train (0: evaluate on the test split)
     download: bool = False
     mean: list[float] | None = None
     std: list[float] | None = None
     # Optimisation
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd | adamw | lamb (timm's; the train extra)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
-    no_decay_norm_bias: bool = False
-    batch_size: int = 128  # global batch (split across processes under torchrun)
+    no_decay_norm_bias: bool = False  # no weight decay on 1-D tensors: norm weights and every bias (timm)
+    no_decay_norm: bool = False  # no weight decay on norm layers only (torchvision's --norm-weight-decay 0)
+    batch_size: int = 128  # global batch of one optimizer step (split across processes under torchrun)
+    accum_steps: int = 1  # micro-batches (of batch_size / accum_steps) accumulated into each optimizer step
     epochs: int = 10
-    max_iters: int | None = None  # if set, training stops after this many steps (overrides epochs)
+    max_iters: int | None = None  # if set, training stops after this many optimizer steps (overrides epochs)
     schedule: str = "step"  # step | cosine | constant
+    schedule_unit: str = "iter"  # iter: the lr changes every step; epoch: once per epoch (torchvision, timm)
     milestones: list[int] = field(default_factory=list)  # in iterations when milestone_unit == "iter"
     milestone_unit: str = "epoch"  # epoch | iter
     gamma: float = 0.1
     warmup_iters: int = 0
     warmup_lr: float | None = None  # constant warm-up lr (the paper's 0.01); None = linear from 0
     warmup_min_depth: int = 0  # apply the warm-up only to nets at least this deep (cifar-paper: 110)
+    warmup_epochs: int = 0  # the warm-up in epochs instead of warmup_iters
+    warmup_start: float | None = None  # linear warm-up from this fraction of lr (torchvision: 0.01); None: from 0
+    loss: str = "ce"  # ce (softmax cross-entropy) | bce (one-vs-all binary cross-entropy, RSB)
+    bce_target_thresh: float | None = None  # bce: targets above this become 1, the others 0 (timm's option)
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
-    ema_decay: float = 0.0  # 0 disables EMA weights
+    ema_decay: float = 0.0  # 0 disables EMA weights; the decay of one EMA update
+    ema_every: int = 1  # optimizer steps between EMA updates (torchvision: 32)
     grad_clip: float = 0.0
     # Execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -139,6 +162,19 @@ class TrainConfig:
                 raise ConfigError(f"{key}={_short(value)}: {key} must be {what}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"device={_short(self.device)} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        for a, b in (("warmup_iters", "warmup_epochs"), ("no_decay_norm_bias", "no_decay_norm")):
+            if getattr(self, a) and getattr(self, b):
+                raise ConfigError(f"{a} and {b} are two ways of saying one thing; set one of them")
+        if self.schedule_unit == "epoch" and (self.warmup_iters or self.milestone_unit == "iter"):
+            raise ConfigError("schedule_unit=epoch changes the lr once per epoch: give the warm-up as warmup_epochs "
+                              "and milestones in epochs")  # fmt: skip
+        if self.eval_resize is not None:
+            crop = self.eval_image_size or self.image_size
+            if crop is None or self.eval_resize < crop:
+                raise ConfigError(f"eval_resize={self.eval_resize} resizes the short side before the center crop: set "
+                                  "image_size (or eval_image_size), and a resize at least that large")  # fmt: skip
+        if self.bce_target_thresh is not None and self.loss != "bce":
+            raise ConfigError("bce_target_thresh applies to loss=bce only")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode={self.compile_mode!r} needs compile: true (--compile {self.compile_mode})")
 

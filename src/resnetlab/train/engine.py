@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,14 +98,22 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------ set-up
 def build_model(cfg: TrainConfig, bundle: DataBundle) -> ResNet:
     """The model for this data: its head, input channels and preprocessing follow the dataset."""
-    size = bundle.image_size
+    size = bundle.eval_size or bundle.image_size  # what the model is given at test time
     model = create_model(
         cfg.model, cfg.pretrained, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
         input_size=(bundle.in_chans, size, size), mean=tuple(bundle.mean), std=tuple(bundle.std),
-        crop_pct=1.0 if size <= 64 else 0.875, label_names=tuple(bundle.classes), **cfg.model_options,
+        crop_pct=eval_crop_pct(cfg, size), label_names=tuple(bundle.classes), **cfg.model_options,
     )  # fmt: skip
     assert isinstance(model, ResNet)
     return model
+
+
+def eval_crop_pct(cfg: TrainConfig, eval_size: int) -> float:
+    """The eval crop's share of the resized short side: ``eval_resize`` when set, else 1 for small images
+    and 0.875 for photos."""
+    if cfg.eval_resize:
+        return eval_size / cfg.eval_resize
+    return 1.0 if eval_size <= 64 else 0.875
 
 
 def fused_devices() -> list[str]:
@@ -131,11 +141,46 @@ def optimizer_kernels(impl: str, device: torch.device) -> dict[str, bool | None]
     return {"foreach": False} if impl == "loop" else {}
 
 
+def lamb_class() -> type[torch.optim.Optimizer]:
+    """timm's LAMB (You et al. 2020), the optimizer of ResNet strikes back; a ConfigError naming the extra
+    to install when timm is missing."""
+    try:
+        from timm.optim import Lamb
+    except ImportError:
+        raise ConfigError("optimizer=lamb uses timm's LAMB: pip install 'resnetlab[train]' (or timm)") from None
+    return Lamb
+
+
 def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """SGD, AdamW or LAMB. LAMB keeps timm's defaults (betas (0.9, 0.999), eps 1e-6, the gradient's global norm
+    clipped to 1, no trust ratio on parameters without weight decay), as RSB trained with them."""
+    if cfg.optimizer == "lamb":
+        kernels = {"foreach": cfg.optimizer_impl != "loop"} if cfg.optimizer_impl in ("foreach", "loop") else {}
+        if cfg.optimizer_impl == "fused":
+            raise ConfigError("optimizer_impl=fused: timm's LAMB has no fused kernel; use auto, foreach or loop")
+        return lamb_class()(groups, lr=cfg.lr, **kernels)
     kernels = optimizer_kernels(cfg.optimizer_impl, device)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
     return torch.optim.AdamW(groups, lr=cfg.lr, **kernels)
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The training loss of ``logits`` against class indices or soft targets (MixUp/CutMix).
+
+    ``ce``: softmax cross-entropy with ``label_smoothing``. ``bce``: binary cross-entropy of each class
+    against its target, averaged over classes and images as timm's ``BinaryCrossEntropy`` (RSB, Sec. 2.3);
+    the targets are smoothed the same way (``t * (1 - eps) + eps / C``, which is what timm's MixUp hands it)
+    and, with ``bce_target_thresh``, set to 1 above the threshold and 0 below.
+    """
+    if cfg.loss == "ce":
+        return F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+    num_classes = logits.shape[1]
+    dense = targets if targets.ndim == 2 else F.one_hot(targets, num_classes).to(logits.dtype)
+    dense = dense * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+    if cfg.bce_target_thresh is not None:
+        dense = (dense > cfg.bce_target_thresh).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, dense)
 
 
 def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -158,7 +203,7 @@ def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
 class TrainHooks:
     """What trains, and at which learning rate, as a run goes: the engine's one extension point.
 
-    The default trains every parameter at ``cfg.lr`` (``no_decay_norm_bias`` honoured). Fine-tuning
+    The default trains every parameter at ``cfg.lr`` (``no_decay_norm_bias``/``no_decay_norm`` honoured). Fine-tuning
     strategies (``resnetlab.transfer``) override it to freeze parts, set per-part learning rates and
     unfreeze gradually; their state goes into the checkpoint so a resumed run continues the same plan.
     """
@@ -167,7 +212,8 @@ class TrainHooks:
 
     def parameter_groups(self, model: ResNet, cfg: TrainConfig) -> list[dict[str, Any]]:
         """The optimizer's groups; include every parameter (frozen ones get no gradient and are skipped)."""
-        return parameter_groups(model, cfg.lr, cfg.weight_decay, no_decay_norm_bias=cfg.no_decay_norm_bias)
+        return parameter_groups(model, cfg.lr, cfg.weight_decay, no_decay_norm_bias=cfg.no_decay_norm_bias,
+                                no_decay_norm=cfg.no_decay_norm)  # fmt: skip
 
     def train_mode(self, model: ResNet, epoch: int) -> dict[str, Any]:
         """Put ``model`` in training mode for ``epoch``: called at the start of every epoch and after every
@@ -192,11 +238,28 @@ class TrainHooks:
                               f"{command} RUN_DIR")  # fmt: skip
 
 
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int, depth: int) -> int:
+    """The warm-up's length in steps (``warmup_epochs`` or ``warmup_iters``; none for nets shallower than
+    ``warmup_min_depth``)."""
+    return (cfg.warmup_epochs * steps_per_epoch or cfg.warmup_iters) if depth >= cfg.warmup_min_depth else 0
+
+
 def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int, depth: int) -> float:
-    """Multiplier of ``cfg.lr`` at ``step``: warm-up, then step decay, cosine or constant."""
-    warmup = cfg.warmup_iters if depth >= cfg.warmup_min_depth else 0
+    """Multiplier of ``cfg.lr`` at optimizer step ``step``: warm-up, then step decay, cosine or constant.
+
+    ``schedule_unit: epoch`` evaluates the schedule at the epoch's index, so the lr is constant through each
+    epoch (torchvision's reference steps its schedulers once per epoch). A linear warm-up goes from
+    ``warmup_start`` (LinearLR's start factor) towards 1, or from 0 to 1 when it is None.
+    """
+    if cfg.schedule_unit == "epoch":
+        step, total_steps, steps_per_epoch = step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch), 1
+    warmup = warmup_steps(cfg, steps_per_epoch, depth)
     if step < warmup:
-        return cfg.warmup_lr / cfg.lr if cfg.warmup_lr is not None else (step + 1) / warmup
+        if cfg.warmup_lr is not None:
+            return cfg.warmup_lr / cfg.lr
+        if cfg.warmup_start is not None:
+            return cfg.warmup_start + (1 - cfg.warmup_start) * step / warmup
+        return (step + 1) / warmup
     if cfg.schedule == "step":
         scale = 1 if cfg.milestone_unit == "iter" else steps_per_epoch
         return cfg.gamma ** sum(step >= m * scale for m in cfg.milestones)
@@ -207,6 +270,16 @@ def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: in
 
 
 # ------------------------------------------------------------------------------------------ the loop
+def _groups(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size``; an incomplete last list is left out."""
+    group: list[Any] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+
+
 class _StopSignal:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint can be written."""
 
@@ -270,8 +343,9 @@ def check_runnable(cfg: TrainConfig, *, fresh: bool) -> None:
     device, world = resolve_device(cfg.device, dist.local_rank()), dist.world_size()
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ConfigError("SyncBatchNorm needs CUDA GPUs; on CPU use --set model_options={norm_layer: groupnorm}")
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} process(es) times "
+                          f"accum_steps {cfg.accum_steps}: each step is that many equal micro-batches")  # fmt: skip
     if cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type != "cuda":
         raise ConfigError(f"compile_mode=reduce-overhead records CUDA graphs, which need a CUDA device (this run is "
                           f"on {device.type}); use --compile (default mode) here")  # fmt: skip
@@ -383,11 +457,14 @@ class TrainRun:
 
     # ------------------------------------------------------------------------------------ set-up
     def _seed(self) -> None:
-        """Seed the global RNG (the model's initialisation draws from it) and pick the kernels' modes."""
+        """Seed the global RNGs (the model's initialisation draws from torch's; timm's RandAugment, run in the
+        main process when num_workers is 0, from Python's and NumPy's) and pick the kernels' modes."""
         cfg, device = self.cfg, self.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -404,7 +481,8 @@ class TrainRun:
         bundle = bundle or build_data(
             cfg.data, augment=cfg.augment, image_size=cfg.image_size, val_split=cfg.val_split, seed=cfg.seed,
             download=cfg.download, mean=cfg.mean, std=cfg.std, auto_augment=cfg.auto_augment,
-            random_erasing=cfg.random_erasing,
+            random_erasing=cfg.random_erasing, eval_image_size=cfg.eval_image_size, interpolation=cfg.interpolation,
+            crop_pct=eval_crop_pct(cfg, cfg.eval_image_size or cfg.image_size) if cfg.eval_resize else None,
         )  # fmt: skip
         if bundle.num_classes < 2:
             raise DataError(f"{bundle.name} has {bundle.num_classes} class ({', '.join(bundle.classes)}): a "
@@ -430,14 +508,16 @@ class TrainRun:
     def _schedule(self) -> None:
         """The batches, the run's length in steps, and the optimizer, lr schedule, AMP scaler and EMA."""
         cfg, raw, device = self.cfg, self.raw_model, self.device
-        self.batches = TrainBatches(cfg, self.bundle, device, cfg.batch_size // self.world)
-        self.steps_per_epoch = steps_per_epoch = len(self.batches)
+        self.batches = TrainBatches(cfg, self.bundle, device, cfg.batch_size // (self.world * cfg.accum_steps))
+        # an optimizer step is accum_steps micro-batches; an epoch's last incomplete group is left out
+        self.steps_per_epoch = steps_per_epoch = len(self.batches) // cfg.accum_steps
         if steps_per_epoch == 0:
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.bundle.train)} training "
-                              "images")  # fmt: skip
+                              "images (an epoch's share of them, with repeated_aug)")  # fmt: skip
         self.total_steps = total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
         self.epochs = epoch_of(total_steps, steps_per_epoch)
         depth = raw.config.depth
+        self.warmup_steps = warmup_steps(cfg, steps_per_epoch, depth)
         self.optimizer = build_optimizer(cfg, self.hooks.parameter_groups(raw, cfg), device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch, depth)
@@ -466,9 +546,10 @@ class TrainRun:
         """What the steps run: DDP around the model under torchrun (it registers the parameters that
         train: rebuilt when the hooks change them), compiled when asked."""
         wrapped: nn.Module = self.raw_model
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if self.world > 1:
             ids = [self.device] if self.device.type == "cuda" else None
-            wrapped = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
+            wrapped = self.ddp = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
         if not self.cfg.compile:
             return wrapped
         return torch.compile(wrapped, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
@@ -517,8 +598,9 @@ class TrainRun:
     def train_epoch(self, progress: RunProgress, stop: _StopSignal) -> None:
         """The rest of the current epoch (or of the run, when it ends first)."""
         plan = self.enter_train_mode()
-        for x, y in self.batches.epoch(self.epoch, self.batch_in_epoch):
-            loss, lr = self.step_on(x, y)
+        micro = self.batches.epoch(self.epoch, self.batch_in_epoch * self.cfg.accum_steps)
+        for group in _groups(micro, self.cfg.accum_steps):
+            loss, lr = self.step_on(group)
             progress.update(self.step, loss, self.running, lr, self.throughput.rate())
             epoch_done = self.batch_in_epoch == self.steps_per_epoch
             if epoch_done:
@@ -541,9 +623,41 @@ class TrainRun:
             if finished or epoch_done:
                 break
 
-    def step_on(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step on the batch ``(x, y)``; returns its loss and the lr it used."""
-        cfg, plan = self.cfg, self.plan
+    def step_on(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """One optimizer step on the equal-sized ``micro_batches`` ``[(x, y), ...]`` (``accum_steps`` of them in
+        a run): their gradients add up, each loss weighted by ``1 / len(micro_batches)``, so the update is the
+        one a single batch of all of them would give (up to batch statistics); under DDP the gradients are
+        all-reduced once, on the last. Returns the mean loss and the lr the step used."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for index, (x, y) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                losses.append(self._accumulate(x, y, len(micro_batches)))
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None and self.batch_in_epoch % cfg.ema_every == 0:
+            self.ema.update_parameters(self.raw_model)
+            if self.step < self.warmup_steps:  # during the warm-up the EMA copies the weights (torchvision)
+                self.ema.n_averaged.zero_()
+        self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+        images = sum(len(x) for x, _ in micro_batches) * self.world
+        self.images_seen += images
+        self.throughput.add(images)
+        loss_value = sum(losses) / len(losses)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for callback in self.callbacks:
+            callback(StepInfo(self.step, self.epoch, loss_value, lr, self.raw_model, self.total_steps))
+        return loss_value, lr
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, parts: int) -> float:
+        """Forward and backward on one micro-batch, its loss scaled by ``1 / parts``; returns its loss."""
+        plan = self.plan
         if self.cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         if plan.channels_last:
@@ -556,30 +670,15 @@ class TrainRun:
         )
         with autocast:
             logits = self.train_model(x)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            loss = classification_loss(logits.float(), targets, self.cfg)
         if not torch.isfinite(loss):
             raise self._diverged(loss.item())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.raw_model)
-        self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
-        self.images_seen += len(x) * self.world
-        self.throughput.add(len(x) * self.world)
+        self.scaler.scale(loss / parts).backward()
         loss_value = loss.item()
         self.running["loss"] += loss_value * len(y)
         self.running["correct"] += int((logits.argmax(1) == y).sum())
         self.running["count"] += len(y)
-        lr = self.optimizer.param_groups[0]["lr"]
-        for callback in self.callbacks:
-            callback(StepInfo(self.step, self.epoch, loss_value, lr, self.raw_model, self.total_steps))
-        return loss_value, lr
+        return loss_value
 
     def _diverged(self, loss: float) -> TrainingDiverged:
         if self.saved_step is not None:

@@ -67,7 +67,8 @@ class StrategyHooks(TrainHooks):
 
     def parameter_groups(self, model: ResNet, cfg: TrainConfig) -> list[dict[str, Any]]:
         return parameter_groups(model, cfg.lr, cfg.weight_decay, self._strategy().lr_decay,
-                                no_decay_norm_bias=cfg.no_decay_norm_bias)  # fmt: skip
+                                no_decay_norm_bias=cfg.no_decay_norm_bias,
+                                no_decay_norm=cfg.no_decay_norm)  # fmt: skip
 
     def train_mode(self, model: ResNet, epoch: int) -> dict[str, Any]:
         model.train()
