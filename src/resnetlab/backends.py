@@ -46,8 +46,9 @@ class Backend:
 
     summary: str
     numerics: str  # fp32, bf16 or int8
-    build: Callable[[ResNet, int | None], Forward]
+    build: Callable[[ResNet, int | None, torch.Tensor | None], Forward]  # (model, threads, calibration images)
     requires: str | None = None  # the module it needs (an optional extra)
+    calibrated: bool = False  # needs calibration images (int8): ``best`` tries it only when given some
     verified: bool = True  # accuracy measured (docs/results/deployment.md): ``best`` may choose it
     cpu_only: bool = True
 
@@ -68,7 +69,7 @@ def _example(model: ResNet) -> torch.Tensor:
     return torch.zeros(2, *model.config.input_size)
 
 
-def _eager(model: ResNet, threads: int | None) -> Forward:
+def _eager(model: ResNet, threads: int | None, calibration: torch.Tensor | None = None) -> Forward:
     model = model.eval()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ def _eager(model: ResNet, threads: int | None) -> Forward:
     return forward
 
 
-def _bf16(model: ResNet, threads: int | None) -> Forward:
+def _bf16(model: ResNet, threads: int | None, calibration: torch.Tensor | None = None) -> Forward:
     """BN folded, weights and activations in bfloat16, channels-last (oneDNN: AMX/AVX512-BF16 kernels)."""
     net = _folded(model).to(torch.bfloat16, memory_format=torch.channels_last)
 
@@ -89,19 +90,29 @@ def _bf16(model: ResNet, threads: int | None) -> Forward:
     return forward
 
 
-def _onnx_file(model: ResNet, folder: str) -> Path:
+def _onnx_file(model: ResNet, folder: str, calibration: torch.Tensor | None = None) -> Path:
+    """``model`` with BN folded as ONNX in ``folder``; int8 (static, QDQ, uint8 activations) if ``calibration``."""
     from resnetlab.export.artifacts import onnx_export
 
     path = Path(folder) / "model.onnx"
     onnx_export(_folded(model), _example(model), path)
-    return path
+    if calibration is None:
+        return path
+    from resnetlab.export.quantize import quantize_onnx_int8
+
+    quantize_onnx_int8(path, path.with_name("int8.onnx"), calibration)
+    return path.with_name("int8.onnx")
 
 
-def _onnxruntime(model: ResNet, threads: int | None) -> Forward:
+def _onnxruntime(model: ResNet, threads: int | None, calibration: torch.Tensor | None = None) -> Forward:
     from resnetlab.export.artifacts import onnx_session
 
     with tempfile.TemporaryDirectory(prefix="resnetlab-backend-") as folder:
-        return onnx_session(_onnx_file(model, folder), threads=threads)  # the session holds the model
+        # Idle threads do not spin: they would take the cores from the image decoding threads (and from the
+        # other candidates timed in turn by ``choose``).
+        return onnx_session(
+            _onnx_file(model, folder, calibration), threads=threads, spin=False
+        )  # the session holds the model
 
 
 def openvino_session(path: str | os.PathLike, *, threads: int | None = None) -> Forward:
@@ -124,9 +135,9 @@ def openvino_session(path: str | os.PathLike, *, threads: int | None = None) -> 
     return forward
 
 
-def _openvino(model: ResNet, threads: int | None) -> Forward:
+def _openvino(model: ResNet, threads: int | None, calibration: torch.Tensor | None = None) -> Forward:
     with tempfile.TemporaryDirectory(prefix="resnetlab-backend-") as folder:
-        return openvino_session(_onnx_file(model, folder), threads=threads)
+        return openvino_session(_onnx_file(model, folder, calibration), threads=threads)
 
 
 #: Every inference path, by its ``--backend`` name: the one place to add one.
@@ -155,14 +166,18 @@ class BackendModel(nn.Module):
         return self.run(x)
 
 
-def build(name: str, model: ResNet, *, threads: int | None = None) -> Forward:
-    """The forward function of backend ``name`` for ``model`` (a clear error where it cannot run)."""
+def build(name: str, model: ResNet, *, threads: int | None = None, calibration: torch.Tensor | None = None) -> Forward:
+    """The forward function of backend ``name`` for ``model`` (a clear error where it cannot run).
+    ``calibration``: preprocessed images, for the int8 backends."""
     backend = BACKENDS.get(name)
     if backend is None:
         raise ConfigError(f"unknown backend {name!r}; choose best or one of {sorted(BACKENDS)}")
     if why := backend.missing():
         raise ConfigError(f"backend {name} {why}")
-    return backend.build(model, threads)
+    if backend.calibrated and calibration is None:
+        raise ConfigError(f"backend {name} needs calibration images: export an int8 model with `resnetlab export "
+                          "--quantize int8 --calibration-data DATA` and pass that file instead")  # fmt: skip
+    return backend.build(model, threads, calibration if backend.calibrated else None)
 
 
 def agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -232,15 +247,22 @@ class Choice:
 
 
 def choose(model: ResNet, *, batch: int = 16, check: torch.Tensor | None = None, threads: int | None = None,
-           iters: int = 5, use_cache: bool = True) -> Choice:  # fmt: skip
+           iters: int = 5, use_cache: bool = True, verify: bool = True,
+           calibration: torch.Tensor | None = None) -> Choice:  # fmt: skip
     """Pick the fastest verified backend for ``model`` on this machine (see the module doc).
 
     ``check``: preprocessed images to compare each candidate with fp32 on (default ``check_batch``);
-    ``batch``: the batch size to time at (what the caller will run)."""
+    ``batch``: the batch size to time at (what the caller will run); ``verify=False``: the agreement with
+    fp32 is reported but does not exclude (for random weights, as in ``resnetlab benchmark``);
+    ``calibration``: images for the int8 backends (without, they are not candidates)."""
     from resnetlab.benchmark import _time
 
     threads = threads or torch.get_num_threads()
-    key_parts = {"model": model_fingerprint(model), "machine": machine_fingerprint(batch, threads)}
+    key_parts = {
+        "model": model_fingerprint(model),
+        "machine": machine_fingerprint(batch, threads),
+        "int8": calibration is not None,
+    }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_dir() / "backends" / f"{key}.json"
     if use_cache and cached.is_file():
@@ -259,13 +281,15 @@ def choose(model: ResNet, *, batch: int = 16, check: torch.Tensor | None = None,
     measured: dict[str, Any] = {}
     for name, backend in BACKENDS.items():
         why = backend.missing() or (None if backend.verified else "its accuracy is not verified")
+        if backend.calibrated and calibration is None:
+            why = "needs calibration images"
         if why:
             measured[name] = {"skipped": why}
             continue
-        forward = backend.build(model, threads)
+        forward = build(name, model, threads=threads, calibration=calibration)
         result = agreement(forward(check), reference)
         measured[name] = {**{k: round(v, 6) for k, v in result.items()}, "passed": passes(result)}
-        if passes(result):
+        if passes(result) or not verify:
             built[name] = forward
     x = check[:batch] if len(check) >= batch else check.repeat((batch + len(check) - 1) // len(check), 1, 1, 1)[:batch]
     times = _time(list(built.values()), x.contiguous(), 2, iters)
@@ -279,7 +303,7 @@ def choose(model: ResNet, *, batch: int = 16, check: torch.Tensor | None = None,
     reason = (f"{best}: the fastest of {len(ranked)} verified paths at batch {batch} on this CPU "
               f"({measured[best]['p50_ms']:.1f} ms{'; ' + others if others else ''}); logits vs fp32 on "
               f"{len(check)} images: cosine {measured[best]['cosine_mean']:.5f}, top-1 agreement "
-              f"{100 * measured[best]['top1_agreement']:.0f}%"
+              f"{100 * measured[best]['top1_agreement']:.0f}%{'' if verify else ' (not required: random weights)'}"
               + (f"; not candidates: {', '.join(dropped)}" if dropped else ""))  # fmt: skip
     if use_cache:
         from resnetlab.io import replace_with, write_temporary
