@@ -144,7 +144,9 @@ def _openvino(model: ResNet, threads: int | None, calibration: torch.Tensor | No
 BACKENDS: dict[str, Backend] = {
     "eager": Backend("PyTorch eager, fp32 (the reference)", "fp32", _eager, cpu_only=False),
     "onnxruntime": Backend("ONNX Runtime, fp32, BN folded", "fp32", _onnxruntime, requires="onnxruntime"),
-    "bf16": Backend("PyTorch, bfloat16 weights and activations, channels-last, BN folded", "bf16", _bf16),
+    # Not offered by ``best``: on the ants/bees ResNet-50 check its logits cosine was 0.9935 (< 0.999).
+    "bf16": Backend("PyTorch, bfloat16 weights and activations, channels-last, BN folded", "bf16", _bf16,
+                    verified=False),
     "openvino": Backend(
         "OpenVINO, its default precision (bf16 where the CPU has AMX/AVX512-BF16)",
         "bf16",
