@@ -150,9 +150,11 @@ def test_published_cifar_nets_keep_their_accuracy_on_every_path(shared_file) -> 
 
 
 def test_resnet50_logits_agree_with_fp32_on_ants_and_bees(shared_file) -> None:
-    """Cosine >= 0.999 and top-1 agreement >= 99% for the floating-point fast paths (the doc: all photos)."""
+    """Cosine >= 0.999 and top-1 agreement >= 99% for the paths ``best`` offers (the doc: all photos);
+    PyTorch bf16 failed this (cosine 0.9935) and is not offered."""
     shared_file("data/hymenoptera.zip")
-    report = _harness().ants_bees(limit=24, names=["eager", "onnxruntime", "bf16", "openvino"])
-    for name in ("onnxruntime", "bf16", "openvino"):
+    offered = [name for name, b in backends.BACKENDS.items() if b.verified and not b.calibrated and name != "eager"]
+    report = _harness().ants_bees(limit=24, names=["eager", *offered])
+    for name in offered:
         row = report[name]
         assert row["cosine_mean"] >= 0.999 and row["top1_agreement"] >= 0.99, (name, row)

@@ -145,13 +145,28 @@ BACKENDS: dict[str, Backend] = {
     "eager": Backend("PyTorch eager, fp32 (the reference)", "fp32", _eager, cpu_only=False),
     "onnxruntime": Backend("ONNX Runtime, fp32, BN folded", "fp32", _onnxruntime, requires="onnxruntime"),
     # Not offered by ``best``: on the ants/bees ResNet-50 check its logits cosine was 0.9935 (< 0.999).
-    "bf16": Backend("PyTorch, bfloat16 weights and activations, channels-last, BN folded", "bf16", _bf16,
-                    verified=False),
+    "bf16": Backend(
+        "PyTorch, bfloat16 weights and activations, channels-last, BN folded", "bf16", _bf16, verified=False
+    ),
     "openvino": Backend(
         "OpenVINO, its default precision (bf16 where the CPU has AMX/AVX512-BF16)",
         "bf16",
         _openvino,
         requires="openvino",
+    ),
+    "onnxruntime-int8": Backend(
+        "ONNX Runtime, int8 (static, per-channel weights, uint8 activations), BN folded",
+        "int8",
+        _onnxruntime,
+        requires="onnxruntime",
+        calibrated=True,
+    ),
+    "openvino-int8": Backend(
+        "OpenVINO running the int8 ONNX graph of onnxruntime-int8",
+        "int8",
+        _openvino,
+        requires="openvino",
+        calibrated=True,
     ),
 }
 
