@@ -150,6 +150,22 @@ def test_int8_quantized_onnx_agrees_with_fp32(tmp_path) -> None:
         export_model(model, tmp_path / "q.pt", "torchscript", quantize="int8", calibration=calibration)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_onnx_file_carries_labels_and_preprocessing_without_its_sidecar(quantize, tmp_path) -> None:
+    import onnxruntime as ort
+
+    model = _with_stats("resnet8", num_classes=4, label_names=tuple("abcd"), mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    calibration = torch.randn(8, 3, 32, 32) if quantize else None
+    path = export_model(model, tmp_path / "m.onnx", "onnx", quantize=quantize, calibration=calibration)
+    path.with_name("m.onnx.json").unlink()  # a user who has only the .onnx
+    props = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+    assert json.loads(props["labels"]) == list("abcd")
+    assert json.loads(props["mean"]) == [0.1, 0.2, 0.3] and json.loads(props["std"]) == [0.4, 0.5, 0.6]
+    assert json.loads(props["input_size"]) == [3, 32, 32] and props["interpolation"] == "bilinear"
+    assert json.loads(props["crop_pct"]) == model.config.crop_pct and props["architecture"] == "resnet8"
+    assert json.loads(props["resnetlab_config"]) == json.loads(json.dumps(model.config.to_dict()))
+
+
 def test_cli_export_json(tmp_path, capsys) -> None:
     folder = tmp_path / "model"
     resnetlab.save_pretrained(resnetlab.create_model("resnet8"), folder)

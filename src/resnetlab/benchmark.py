@@ -31,10 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnetlab import backends as paths
 from resnetlab.errors import ConfigError
 from resnetlab.models import create_model
 
-BACKENDS = ("eager", "compile", "torchscript", "onnxruntime")
+#: Benchmark-only ways to run PyTorch, then the inference paths of ``resnetlab.backends``, and ``best``.
+BENCH_ONLY = ("compile", "torchscript")
+BACKENDS = ("eager", *BENCH_ONLY, *(name for name in paths.BACKENDS if name != "eager"), "best")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -83,6 +86,8 @@ def _contestant(label: str, model: nn.Module, backend: str, example: torch.Tenso
                 ort_optimization: str = "all") -> Contestant:  # fmt: skip
     autocast = torch.autocast(example.device.type, dtype=dtype, enabled=dtype != torch.float32)
     weights = _weights_mb(model)  # before freezing (a frozen TorchScript module has no parameters left)
+    if not train and backend in paths.BACKENDS and backend not in ("eager", "onnxruntime"):
+        return Contestant(label, paths.build(backend, model.eval(), threads=threads), weights)
     if train:
         model.train()
         net = torch.compile(model) if backend == "compile" else model
@@ -246,6 +251,8 @@ def _check(backend: str, *, train: bool, device: torch.device, dtype: str, quant
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend in paths.BACKENDS and (why := paths.BACKENDS[backend].missing()):
+        raise ConfigError(f"backend {backend} {why}")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {tuple(DTYPES)}")
     if train and backend not in ("eager", "compile"):
@@ -254,8 +261,10 @@ def _check(backend: str, *, train: bool, device: torch.device, dtype: str, quant
         raise ConfigError("--fold-bn and --quantize are inference options; drop them with --train")
     if quantize not in (None, "int8") or (quantize and backend != "onnxruntime"):
         raise ConfigError("--quantize int8 runs on the onnxruntime backend")
-    if dtype != "float32" and backend in ("onnxruntime", "torchscript"):
+    if dtype != "float32" and backend not in ("eager", "compile"):
         raise ConfigError(f"--dtype {dtype} (autocast) applies to the eager and compile backends")
+    if fold_bn and backend not in ("eager", *BENCH_ONLY, "onnxruntime"):
+        raise ConfigError(f"the {backend} backend folds BatchNorm itself; drop --fold-bn")
     if ort_optimization not in ORT_OPTIMIZATION:
         raise ConfigError(f"unknown ONNX Runtime optimisation level {ort_optimization!r}; choose one of "
                           f"{ORT_OPTIMIZATION}")  # fmt: skip
@@ -315,6 +324,10 @@ def benchmark(
     size = image_size or model.config.input_size[-1]
     x = torch.randn(batch, model.config.in_chans, size, size, device=dev).contiguous(memory_format=memory_format)
     options = dict(train=train, dtype=DTYPES[dtype], threads=threads)
+    choice = None
+    if backend == "best":  # measure the candidates, then time the winner against the yardsticks
+        choice = paths.choose(model.eval(), batch=batch, threads=threads, use_cache=False, verify=False)
+        backend = choice.backend
     scratch = tempfile.TemporaryDirectory(prefix="resnetlab-bench-")
     if train:  # the engine's step, with and without its data pipeline, against a plain loop of the same net
         contestants = _engine_runs(name, x, data=data, dtype=dtype, channels_last=channels_last,
@@ -331,7 +344,9 @@ def benchmark(
     import torchvision
 
     if compare and name in torchvision.models.list_models(module=torchvision.models):
-        for tv_backend in dict.fromkeys(("eager", backend)):
+        # On the paths of ``resnetlab.backends``, the yardstick is torchvision's model in ONNX Runtime fp32.
+        same = backend if backend in ("eager", *BENCH_ONLY, "onnxruntime") else "onnxruntime"
+        for tv_backend in dict.fromkeys(("eager", same)):
             reference = torchvision.models.get_model(name).to(dev, memory_format=memory_format)
             contestants.append(_contestant(f"torchvision_{tv_backend}", reference, tv_backend, x, fold_bn=False,
                                            ort_optimization=ort_optimization, **options))  # fmt: skip
@@ -340,7 +355,8 @@ def benchmark(
     finally:
         scratch.cleanup()
     result: dict[str, Any] = {
-        "model": name, "backend": backend, "mode": "train" if train else "inference", "batch": batch,
+        "model": name, "backend": "best" if choice else backend, "path": backend,
+        "mode": "train" if train else "inference", "batch": batch,
         "image_size": size, "device": str(dev), "threads": threads, "dtype": dtype, "channels_last": channels_last,
         "fold_bn": fold_bn, "quantize": quantize, "ort_optimization": ort_optimization if backend == "onnxruntime"
         else None, "iters": iters,
@@ -360,5 +376,7 @@ def benchmark(
         result[f"speedup_vs_{against}"] = result[contestant.label]["p50_ms"] / ours
     if train and "plain_loop" in result:  # the engine fed by its data pipeline, against the plain loop
         result["with_data_vs_plain_loop"] = result["plain_loop"]["p50_ms"] / result["resnetlab_with_data"]["p50_ms"]
+    if choice:
+        result["choice"] = {"backend": choice.backend, "reason": choice.reason, "candidates": choice.measured}
     result["torch"] = torch.__version__
     return result

@@ -64,22 +64,41 @@ class Predictor:
         self.image_size = c.input_size[-1]
         self.transform = eval_transform(self.image_size, c.mean, c.std, crop_pct=c.crop_pct)
         self.labels = list(c.label_names) if c.label_names else [str(i) for i in range(c.num_classes)]
+        self.backend_reason = "eager: the PyTorch model as given"
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, source: str | os.PathLike, *, pretrained: str | bool | None = None, allow_program: bool = False,
-             random_init: bool = False, **kwargs: Any) -> Predictor:  # fmt: skip
+             random_init: bool = False, backend: str = "eager", batch_size: int = 16,
+             check_images: Sequence[ImageInput] = (), **kwargs: Any) -> Predictor:  # fmt: skip
         """From any source ``resnetlab.sources.load_model`` resolves (run or model folder, checkpoint, export,
-        weights file, a model name with ``pretrained`` weights); its preprocessing and labels come along."""
+        weights file, a model name with ``pretrained`` weights); its preprocessing and labels come along.
+        ``backend``: see ``use_backend``."""
         model = load_model(source, pretrained=pretrained, allow_program=allow_program, random_init=random_init)
-        return cls(model, **kwargs)
+        predictor = cls(model, **kwargs)
+        if backend != "eager":
+            predictor.use_backend(backend, batch_size=batch_size, check_images=check_images)
+        return predictor
+
+    def use_backend(self, backend: str, *, batch_size: int = 16, check_images: Sequence[ImageInput] = ()) -> str:
+        """Run the model on ``backend`` (a name of ``resnetlab.backends.BACKENDS``, or ``best``: the fastest
+        verified path here, timed at ``batch_size`` and checked against fp32 on up to 16 of ``check_images``,
+        unreadable ones ignored). Returns, and keeps in ``backend_reason``, which path runs and why."""
+        from resnetlab.backends import prepare
+
+        images = [t for t in map(self._decode, list(check_images)[:16]) if isinstance(t, torch.Tensor)]
+        check = torch.stack(images) if images else None
+        self.model, self.backend_reason = prepare(self.model, backend, device=self.device, batch=batch_size,
+                                                  check=check)  # fmt: skip
+        return self.backend_reason
 
     @property
     def metadata(self) -> dict[str, Any]:
         c = self.model.config
         return {"architecture": self.model.name, "num_classes": c.num_classes, "labels": self.labels,
                 "input_size": list(c.input_size), "mean": list(c.mean), "std": list(c.std),
-                "crop_pct": c.crop_pct, "device": str(self.device)}  # fmt: skip
+                "crop_pct": c.crop_pct, "device": str(self.device),
+                "backend": getattr(self.model, "backend", "eager"), "backend_reason": self.backend_reason}  # fmt: skip
 
     def preprocess(self, image: ImageInput, name: str | None = None, *,
                    max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:  # fmt: skip
@@ -133,21 +152,49 @@ class Predictor:
         return self.predict_tensors(torch.stack([self.preprocess(im) for im in images]), top_k)
 
     def predict_files(
-        self, paths: Iterable[str | os.PathLike], *, batch_size: int = 32, top_k: int = 5, progress: bool = False
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        batch_size: int = 32,
+        top_k: int = 5,
+        progress: bool = False,
+        workers: int | None = None,
     ) -> tuple[list[tuple[str, Prediction]], list[tuple[str, str]]]:
-        """Batched prediction over files; unreadable files are reported in the second list, not raised."""
+        """Batched prediction over files; unreadable files are reported in the second list, not raised.
+
+        Images are decoded and preprocessed by ``workers`` threads (default: one per CPU core), the next
+        batch while the model runs on the current one (decoding and the runtimes release the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
         paths = [str(p) for p in paths]
-        done, failed = [], []
-        for start in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="predict", unit="batch"):
-            names, tensors = [], []
-            for path in paths[start : start + batch_size]:
-                try:
-                    tensors.append(self.preprocess(path))
-                    names.append(path)
-                except DataError as err:
-                    failed.append((path, str(err)))
-            if tensors:
-                done += list(zip(names, self.predict_tensors(torch.stack(tensors), top_k)))
+        batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+        done: list[tuple[str, Prediction]] = []
+        failed: list[tuple[str, str]] = []
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+
+            def submit(batch: list[str]) -> list[Any]:
+                return [pool.submit(self._decode, path) for path in batch]
+
+            ahead = submit(batches[0]) if batches else []
+            for i in tqdm(range(len(batches)), disable=not progress, desc="predict", unit="batch"):
+                current, ahead = ahead, (submit(batches[i + 1]) if i + 1 < len(batches) else [])
+                names, tensors = [], []
+                for path, future in zip(batches[i], current):
+                    tensor = future.result()
+                    if isinstance(tensor, str):
+                        failed.append((path, tensor))
+                    else:
+                        tensors.append(tensor)
+                        names.append(path)
+                if tensors:
+                    done += list(zip(names, self.predict_tensors(torch.stack(tensors), top_k)))
         return done, failed
+
+    def _decode(self, image: ImageInput) -> torch.Tensor | str:
+        """The preprocessed image, or why it cannot be read."""
+        try:
+            return self.preprocess(image)
+        except DataError as err:
+            return str(err)

@@ -13,11 +13,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("benchmark",
                        description="Synthetic inputs; torchvision's model of the same name is measured in the "
-                                   "same run (eager, and on the same backend) when it exists.")  # fmt: skip
+                                   "same run (eager, and on the same backend, or in ONNX Runtime fp32 for the "
+                                   "bf16, openvino and best paths) when it exists.")  # fmt: skip
     p.add_argument("--model", default="resnet50")
     p.add_argument("--batch", type=positive_int, default=16, help="images per batch (default 16)")
     p.add_argument("--image-size", type=positive_int, help="input side (default: the model's)")
-    p.add_argument("--backend", default="eager", choices=BACKENDS)
+    p.add_argument("--backend", default="eager", choices=BACKENDS,
+                   help="eager (default), compile, torchscript, or an inference path of resnetlab.backends; best: "
+                   "measure those paths here and time the fastest against the yardsticks")  # fmt: skip
     p.add_argument("--compile", dest="backend", action="store_const", const="compile",
                    help="shorthand for --backend compile (torch.compile)")  # fmt: skip
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD)")
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(f"{r['model']} {r['mode']}, batch {r['batch']} at {r['image_size']}px, {r['device']}, "
           f"{r['threads']} threads, backend {r['backend']}{''.join(' +' + o for o in options)}")  # fmt: skip
+    if "choice" in r:
+        print(f"  chose {r['choice']['reason']}")
     labels = ("resnetlab", *(k for k in r if k.startswith(("torchvision_", "resnetlab_")) or k == "plain_loop"))
     for label in labels:
         s = r[label]

@@ -96,6 +96,15 @@ def add_num_workers(parser: argparse.ArgumentParser, default: int = 2) -> None:
     parser.add_argument("--num-workers", type=non_negative_int, default=default, help=text)
 
 
+def add_backend(parser: argparse.ArgumentParser) -> None:
+    """``--backend``: the inference path of predict and serve (``resnetlab.backends``); default ``best``."""
+    from resnetlab.backends import BACKENDS
+
+    parser.add_argument("--backend", default="best", choices=["best", *BACKENDS],
+                        help="inference path (default best: the fastest path on this CPU whose logits agree with "
+                        "fp32, measured once and cached per model and machine; on a GPU: eager)")  # fmt: skip
+
+
 ALLOW_PROGRAM_HELP = "load TorchScript/.pt2 exports: they are programs, which run code they carry"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.cli.common import (
+    add_backend,
     add_batch_size,
     add_device,
     add_json_flag,
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int, default=5, help="labels per image (default 5)")
     add_batch_size(p, 32)
     add_device(p)
+    add_backend(p)
     p.add_argument(
         "--csv",
         type=Path,
@@ -73,7 +75,9 @@ def predict(args: argparse.Namespace) -> int:
     csv_path = args.csv or (default_csv() if any(Path(i).is_dir() for i in args.inputs) else None)
     if csv_path:  # before predicting: a path that cannot be written would lose every prediction
         check_output_file(csv_path, "--csv")
-    predictor = Predictor.load(args.source, device=args.device, **source_options(args))
+    predictor = Predictor.load(args.source, device=args.device, backend=args.backend, batch_size=args.batch_size,
+                               check_images=files[:16], **source_options(args))  # fmt: skip
+    print(f"backend {predictor.backend_reason}", file=sys.stderr)
     done, failed = predictor.predict_files(files, batch_size=args.batch_size, top_k=args.top_k,
                                            progress=not args.json and len(files) > args.batch_size)  # fmt: skip
     # A file name that is not UTF-8 is shown with \x escapes; printing it as is would crash half-way.
@@ -88,7 +92,8 @@ def predict(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"predictions": [{"file": path, **p.to_dict()} for path, p in done],
                     "skipped": [{"file": path, "reason": reason} for path, reason in failed],
-                    "csv": str(csv_path) if csv_path else None})  # fmt: skip
+                    "csv": str(csv_path) if csv_path else None,
+                    "backend": predictor.metadata["backend"], "backend_reason": predictor.backend_reason})  # fmt: skip
         return 0
     for path, prediction in done:
         best = ", ".join(f"{lab} {p:.3f}" for lab, p in zip(prediction.labels, prediction.probabilities))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from resnetlab.cli.common import (
+    add_backend,
     add_device,
     add_model_source,
     port_number,
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=port_number, default=8000)
     add_device(p)
+    add_backend(p)
     p.add_argument("--max-batch", type=positive_int, default=32, help="largest batch of concurrent requests")
     p.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="how long a batch waits to fill")
     p.add_argument("--max-body-mb", type=positive_float, default=10.0, help="largest accepted request body")
@@ -40,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from resnetlab.inference import Predictor
     from resnetlab.serve import serve
 
-    predictor = Predictor.load(args.source, device=args.device, **source_options(args))
+    predictor = Predictor.load(args.source, device=args.device, backend=args.backend, batch_size=1,
+                               **source_options(args))  # fmt: skip
+    print(f"backend {predictor.backend_reason}", flush=True)
     serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           max_body_bytes=int(args.max_body_mb * 2**20), read_timeout=args.read_timeout,
           body_timeout=args.body_timeout, header_timeout=args.header_timeout, max_concurrent=args.max_concurrent,

@@ -125,7 +125,36 @@ def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, *, opse
     finally:
         if quantize:
             target.unlink(missing_ok=True)
+    config = getattr(net, "config", None)
+    if isinstance(config, ResNetConfig):
+        stamp_onnx_metadata(path, getattr(net, "name", "resnet"), config)
     return {}
+
+
+def onnx_metadata(architecture: str, config: ResNetConfig) -> dict[str, str]:
+    """What a runtime needs to use an ONNX file without its sidecar, as ``metadata_props`` strings: class
+    names, preprocessing (input size, resize ratio, interpolation, mean, std on RGB in [0, 1]), and the
+    whole resnetlab config as JSON."""
+    c = config
+    labels = list(c.label_names) if c.label_names else [str(i) for i in range(c.num_classes)]
+    return {
+        "architecture": architecture, "labels": json.dumps(labels), "input_size": json.dumps(list(c.input_size)),
+        "crop_pct": json.dumps(c.crop_pct), "interpolation": c.interpolation, "mean": json.dumps(list(c.mean)),
+        "std": json.dumps(list(c.std)), "input_layout": "NCHW, RGB scaled to [0, 1], then (x - mean) / std",
+        "resnetlab_config": json.dumps(c.to_dict()),
+    }  # fmt: skip
+
+
+def stamp_onnx_metadata(path: Path, architecture: str, config: ResNetConfig) -> None:
+    """Write ``onnx_metadata`` into the ONNX file's ``metadata_props`` (replacing keys of the same name)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props} | onnx_metadata(architecture, config)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
 
 
 def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path, **_: Any) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Static int8 post-training quantization of an ONNX model with ONNX Runtime (QDQ, per-channel weights)."""
+"""Static int8 post-training quantization of an ONNX model with ONNX Runtime (QDQ, per-channel weights).
+
+Activations are unsigned (uint8) by default: ONNX Runtime's x86 int8 kernels multiply uint8 activations by
+int8 weights (VNNI's u8 x s8 instruction, AMX); with int8 activations the convolutions do not run as
+integer kernels (see the profile in docs/results/deployment.md) and int8 is no faster than fp32."""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ from resnetlab.errors import ConfigError
 from resnetlab.models import ResNet
 
 
-def quantize_onnx_int8(source: Path, target: Path, calibration: torch.Tensor, batch_size: int = 32) -> None:
+def quantize_onnx_int8(source: Path, target: Path, calibration: torch.Tensor, batch_size: int = 32, *,
+                       activations: str = "uint8") -> None:  # fmt: skip
+    """Quantize ``source`` into ``target``, calibrated on ``calibration`` (preprocessed images);
+    ``activations``: ``uint8`` (fast on x86) or ``int8``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -26,7 +33,8 @@ def quantize_onnx_int8(source: Path, target: Path, calibration: torch.Tensor, ba
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     try:
         quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)  # fmt: skip
+                        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, reduce_range=False)  # fmt: skip
     finally:
         prepared.unlink(missing_ok=True)
 
