@@ -19,8 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "resnetlab"
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"errors", "io", "paths", "filetypes", "recipes"}),
     frozenset({"__init__", "models", "catalog", "backbones"}),
-    frozenset({"data"}),
-    frozenset({"train", "export", "sources", "loading", "inference"}),
+    frozenset({"data", "explain"}),
+    frozenset({"train", "export", "sources", "loading"}),
+    frozenset({"backends", "inference"}),
     frozenset({"transfer", "studies"}),
     frozenset({"serve", "benchmark"}),
     frozenset({"cli"}),

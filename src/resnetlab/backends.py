@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -273,8 +274,6 @@ def choose(model: ResNet, *, batch: int = 16, check: torch.Tensor | None = None,
     ``batch``: the batch size to time at (what the caller will run); ``verify=False``: the agreement with
     fp32 is reported but does not exclude (for random weights, as in ``resnetlab benchmark``);
     ``calibration``: images for the int8 backends (without, they are not candidates)."""
-    from resnetlab.benchmark import _time
-
     threads = threads or torch.get_num_threads()
     key_parts = {
         "model": model_fingerprint(model),
@@ -310,7 +309,7 @@ def choose(model: ResNet, *, batch: int = 16, check: torch.Tensor | None = None,
         if passes(result) or not verify:
             built[name] = forward
     x = check[:batch] if len(check) >= batch else check.repeat((batch + len(check) - 1) // len(check), 1, 1, 1)[:batch]
-    times = _time(list(built.values()), x.contiguous(), 2, iters)
+    times = time_interleaved(list(built.values()), x.contiguous(), 2, iters)
     for name, t in zip(built, times):
         measured[name]["p50_ms"] = round(1000 * statistics.median(t), 3)
     ranked = sorted(built, key=lambda n: measured[n]["p50_ms"])
@@ -360,3 +359,26 @@ def prepare(model: ResNet | nn.Module, backend: str, *, device: str | torch.devi
     if name == "eager":
         return model, reason
     return BackendModel(forward, model.config, model.name, name), reason
+
+
+def time_interleaved(
+    runs: list[Callable[[torch.Tensor], Any]], x: torch.Tensor, warmup: int, iters: int
+) -> list[list[float]]:
+    """Time each runner ``iters`` times, interleaved so that a busy machine slows every contestant alike and
+    their ratio stays fair. Each round runs them in a fresh (seeded) random order: a runtime's worker threads
+    may keep spinning for a while after it returns (OpenMP does), and whoever always came next would pay."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for run in runs:
+        for _ in range(warmup):
+            run(x)
+    sync()
+    times: list[list[float]] = [[] for _ in runs]
+    order, shuffle = list(range(len(runs))), random.Random(0).shuffle
+    for _ in range(iters):
+        shuffle(order)
+        for i in order:
+            start = time.perf_counter()
+            runs[i](x)
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return times

@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import random
 import resource
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,27 +184,6 @@ def _engine_runs(name: str, example: torch.Tensor, *, data: str | None, dtype: s
     return [Contestant("resnetlab", fixed, weights), Contestant("resnetlab_with_data", with_data, weights)]
 
 
-def _time(runs: list[Callable[[torch.Tensor], Any]], x: torch.Tensor, warmup: int, iters: int) -> list[list[float]]:
-    """Time each runner ``iters`` times, interleaved so that a busy machine slows every contestant alike and
-    their ratio stays fair. Each round runs them in a fresh (seeded) random order: a runtime's worker threads
-    may keep spinning for a while after it returns (OpenMP does), and whoever always came next would pay."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for run in runs:
-        for _ in range(warmup):
-            run(x)
-    sync()
-    times: list[list[float]] = [[] for _ in runs]
-    order, shuffle = list(range(len(runs))), random.Random(0).shuffle
-    for _ in range(iters):
-        shuffle(order)
-        for i in order:
-            start = time.perf_counter()
-            runs[i](x)
-            sync()
-            times[i].append(time.perf_counter() - start)
-    return times
-
-
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -351,7 +328,7 @@ def benchmark(
             contestants.append(_contestant(f"torchvision_{tv_backend}", reference, tv_backend, x, fold_bn=False,
                                            ort_optimization=ort_optimization, **options))  # fmt: skip
     try:
-        times = _time([c.run for c in contestants], x, warmup, iters)
+        times = paths.time_interleaved([c.run for c in contestants], x, warmup, iters)
     finally:
         scratch.cleanup()
     result: dict[str, Any] = {

@@ -77,7 +77,6 @@ def predict(args: argparse.Namespace) -> int:
         check_output_file(csv_path, "--csv")
     predictor = Predictor.load(args.source, device=args.device, backend=args.backend, batch_size=args.batch_size,
                                check_images=files[:16], **source_options(args))  # fmt: skip
-    print(f"backend {predictor.backend_reason}", file=sys.stderr)
     done, failed = predictor.predict_files(files, batch_size=args.batch_size, top_k=args.top_k,
                                            progress=not args.json and len(files) > args.batch_size)  # fmt: skip
     # A file name that is not UTF-8 is shown with \x escapes; printing it as is would crash half-way.
@@ -87,6 +86,7 @@ def predict(args: argparse.Namespace) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not done:
         raise DataError(f"none of the {len(failed)} input(s) could be read as an image")
+    print(f"backend {predictor.backend_reason}", file=sys.stderr)  # which path answered, once there are answers
     if csv_path:
         _write_csv(csv_path, done, args.top_k)
     if args.json:
