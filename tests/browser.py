@@ -2,7 +2,7 @@
 command that takes the docs' screenshot::
 
     python tests/browser.py --from resnet56 --pretrained cifar10_akamaster --image cat.jpg \\
-        --out docs/figures/serve_page.png
+        --out serve_page.png
 
 Chromium is Debian's ``chromium`` driven through Debian's ``chromium-driver`` (Selenium, with both paths
 given, so Selenium never downloads a browser or a driver). ``make install`` installs them with apt-get.
