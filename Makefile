@@ -42,10 +42,12 @@ test-quick: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
 
-# TFLite needs ~800 MB (JAX) and downgrades pydantic: it gets an environment of its own.
+# TFLite needs ~800 MB (JAX) and downgrades pydantic: it gets an environment of its own, installed from the
+# versions resolved and tested together (constraints/mobile.txt; unpinned, pip backtracks to a litert-torch
+# that swaps torch for an older one).
 MOBILE_VENV ?= .venv-mobile
 test-mobile:
 	test -x $(MOBILE_VENV)/bin/python || $(PYTHON) -m venv $(MOBILE_VENV)
 	$(MOBILE_VENV)/bin/pip install -q $(TORCH_PIN)
-	$(MOBILE_VENV)/bin/pip install -q -e ".[test,tflite,coreml]"
+	$(MOBILE_VENV)/bin/pip install -q -c constraints/mobile.txt -e ".[test,tflite,coreml]"
 	RESNETLAB_MOBILE_EXTRAS=1 $(MOBILE_VENV)/bin/python -m pytest -q tests/test_export_mobile.py
