@@ -55,8 +55,9 @@ def _stages(method: str, count: int) -> list[int | None]:
     return [None] if method == "occlusion" else list(range(1, count + 1))
 
 
-def figure(model: Any, images: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path) -> None:
-    """A grid: one CIFAR test image per row (photo, then each method's overlay for its true class)."""
+def figure(model: Any, images: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, *,
+           title: str, photo_caption: str) -> None:
+    """A grid: one image per row (the photo, then each method's overlay for the class ``labels`` names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,23 +65,24 @@ def figure(model: Any, images: torch.Tensor, labels: torch.Tensor, classes: list
 
     methods = list(METHODS)
     photos = model_view(images, model.config.mean, model.config.std)
-    fig, axes = plt.subplots(len(images), len(methods) + 1, figsize=(2.1 * (len(methods) + 1), 2.3 * len(images)))
+    fig, axes = plt.subplots(len(images), len(methods) + 1, figsize=(2.1 * (len(methods) + 1), 2.3 * len(images)),
+                             squeeze=False)  # fmt: skip
+    stage = f" (stage {len(model.stage_names)})"
     for m, method in enumerate(methods):
         maps, logits = cam_maps(model, images, method=method, target=labels)
         probabilities = logits.softmax(1)
         for i in range(len(images)):
             axes[i, m + 1].imshow(overlay(photos[i], maps[i, 0]))
             if i == 0:
-                axes[i, m + 1].set_title(method + ("" if method == "occlusion" else " (stage 3)"), fontsize=9)
+                axes[i, m + 1].set_title(method + ("" if method == "occlusion" else stage), fontsize=9)
             if m == 0:
                 axes[i, 0].imshow(photos[i].resize((256, 256)))
                 axes[i, 0].set_ylabel(f"{classes[labels[i]]}\np={float(probabilities[i, labels[i]]):.2f}", fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].set_title("test image (32 px)", fontsize=9)
-    fig.suptitle("Class-activation maps for the true class: CIFAR ResNet-56 (published weights), CIFAR-10 test set\n"
-                 "red = high (1), blue = low (0); maps are min-max scaled per image", fontsize=9)  # fmt: skip
+    axes[0, 0].set_title(photo_caption, fontsize=9)
+    fig.suptitle(f"{title}\nred = high (1), blue = low (0); maps are min-max scaled per image", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     stage_total = len(model.stage_names)
     if args.figure:
         picks = torch.tensor([int(torch.nonzero(ok & (labels == c))[0]) for c in (0, 3, 5, 7, 8)])
-        figure(model, images[picks], labels[picks], list(bundle.classes), args.figure)
+        figure(model, images[picks], labels[picks], list(bundle.classes), args.figure, photo_caption="test image (32 px)",
+               title="Class-activation maps for the true class: CIFAR ResNet-56 (published weights), CIFAR-10 test set")
         result["figure"] = str(args.figure)
 
     # Pointing game on mosaics of correctly classified pool images (four different classes each), and the
