@@ -245,3 +245,20 @@ def test_cli_method_choices_are_the_library_methods() -> None:
     from resnetlab.cli.explain import METHOD_NAMES
 
     assert tuple(METHODS) == METHOD_NAMES
+
+
+def test_docs_figure_script_draws_a_row_per_image(model_dir, tmp_path, monkeypatch, capsys) -> None:
+    """docs/results/explain_figure.py (the docs' figure on one's own photos): one row per image, a column per
+    method after the photo."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "docs" / "results"))
+    sys.modules.pop("explain_figure", None)
+    import explain_figure
+
+    out = tmp_path / "figure.png"
+    assert explain_figure.main(["--from", str(model_dir), *map(str, _images(tmp_path, 3)), "--out", str(out)]) == 0
+    width, height = Image.open(out).size
+    assert str(out) in capsys.readouterr().out
+    assert width > height > 0 and abs(width / height - (len(METHODS) + 1) * 2.1 / (3 * 2.3)) < 0.1

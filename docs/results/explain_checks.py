@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     stage_total = len(model.stage_names)
     if args.figure:
         picks = torch.tensor([int(torch.nonzero(ok & (labels == c))[0]) for c in (0, 3, 5, 7, 8)])
-        figure(model, images[picks], labels[picks], list(bundle.classes), args.figure, photo_caption="test image (32 px)",
-               title="Class-activation maps for the true class: CIFAR ResNet-56 (published weights), CIFAR-10 test set")
+        title = "Class-activation maps for the true class: CIFAR ResNet-56 (published weights), CIFAR-10 test set"
+        figure(model, images[picks], labels[picks], list(bundle.classes), args.figure, title=title,
+               photo_caption="test image (32 px)")
         result["figure"] = str(args.figure)
 
     # Pointing game on mosaics of correctly classified pool images (four different classes each), and the

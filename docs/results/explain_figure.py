@@ -13,11 +13,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from explain_checks import figure  # this folder's script
 
 from resnetlab.inference import Predictor
 from resnetlab.sources import load_resnet
-
-from explain_checks import figure  # noqa: E402  (this folder's script)
 
 
 def main(argv: list[str] | None = None) -> int:
