@@ -36,6 +36,12 @@ def test_memory_is_per_contestant_and_grows_with_the_batch() -> None:
     assert large["resnetlab"]["memory_mb"] > small["resnetlab"]["memory_mb"] + 8
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 @pytest.mark.slow
 def test_int8_bfloat16_and_channels_last_options() -> None:
     q = benchmark("resnet8", batch=2, backend="onnxruntime", quantize="int8", warmup=1, iters=1)
@@ -43,6 +49,16 @@ def test_int8_bfloat16_and_channels_last_options() -> None:
     assert q["resnetlab_fp32"]["weights_mb"] > 0.25 and q["speedup_vs_resnetlab_fp32"] > 0  # fp32 in the same run
     b = benchmark("resnet8", batch=2, dtype="bfloat16", channels_last=True, warmup=1, iters=1, train=True)
     assert b["dtype"] == "bfloat16" and b["channels_last"] and b["resnetlab"]["p50_ms"] > 0
+
+
+@pytest.mark.slow
+def test_int8_paths_are_timed_alone_and_as_best_candidates() -> None:
+    """A benchmark times random weights: the int8 paths get stand-in calibration images (latency only)."""
+    r = benchmark("resnet8", batch=2, backend="openvino-int8" if _has("openvino") else "onnxruntime-int8",
+                  warmup=1, iters=1, compare=False)  # fmt: skip
+    assert r["resnetlab"]["p50_ms"] > 0
+    best = benchmark("resnet8", batch=2, backend="best", warmup=1, iters=1, compare=False)
+    assert best["choice"]["candidates"]["onnxruntime-int8"]["p50_ms"] > 0, best["choice"]
 
 
 def test_training_step_and_cli_json(capsys) -> None:

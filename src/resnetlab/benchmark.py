@@ -69,14 +69,18 @@ def _onnxruntime(label: str, model: nn.Module, example: torch.Tensor, *, threads
         if quantize:
             from resnetlab.export.quantize import quantize_onnx_int8
 
-            # Latency only: the scales differ with real calibration images, the int8 graph does not.
-            calibration = torch.randn(32, *example.shape[1:], generator=torch.Generator().manual_seed(0))
-            quantize_onnx_int8(path, path.with_name("int8.onnx"), calibration)
+            quantize_onnx_int8(path, path.with_name("int8.onnx"), _latency_calibration(example))
             path = path.with_name("int8.onnx")
         options = dict(threads=threads, optimization=optimization, device=example.device.type, spin=False)
         forward = onnx_session(path, **options)  # type: ignore[arg-type]
         twin = onnx_session(path, arena=False, **options)  # type: ignore[arg-type]
         return Contestant(label, forward, path.stat().st_size / 2**20, twin)  # sessions hold the model: file may go
+
+
+def _latency_calibration(example: torch.Tensor) -> torch.Tensor:
+    """Stand-in calibration images for the int8 paths, shaped like ``example``: the scales (hence accuracy)
+    differ with real images, the int8 graph and its speed do not. A benchmark times random weights anyway."""
+    return torch.randn(32, *example.shape[1:], generator=torch.Generator().manual_seed(0))
 
 
 def _contestant(label: str, model: nn.Module, backend: str, example: torch.Tensor, *, train: bool, fold_bn: bool,
@@ -85,7 +89,8 @@ def _contestant(label: str, model: nn.Module, backend: str, example: torch.Tenso
     autocast = torch.autocast(example.device.type, dtype=dtype, enabled=dtype != torch.float32)
     weights = _weights_mb(model)  # before freezing (a frozen TorchScript module has no parameters left)
     if not train and backend in paths.BACKENDS and backend not in ("eager", "onnxruntime"):
-        return Contestant(label, paths.build(backend, model.eval(), threads=threads), weights)
+        calibration = _latency_calibration(example) if paths.BACKENDS[backend].calibrated else None
+        return Contestant(label, paths.build(backend, model.eval(), threads=threads, calibration=calibration), weights)
     if train:
         model.train()
         net = torch.compile(model) if backend == "compile" else model
@@ -303,7 +308,8 @@ def benchmark(
     options = dict(train=train, dtype=DTYPES[dtype], threads=threads)
     choice = None
     if backend == "best":  # measure the candidates, then time the winner against the yardsticks
-        choice = paths.choose(model.eval(), batch=batch, threads=threads, use_cache=False, verify=False)
+        choice = paths.choose(model.eval(), batch=batch, threads=threads, use_cache=False, verify=False,
+                              calibration=_latency_calibration(x.cpu()))  # fmt: skip
         backend = choice.backend
     scratch = tempfile.TemporaryDirectory(prefix="resnetlab-bench-")
     if train:  # the engine's step, with and without its data pipeline, against a plain loop of the same net
