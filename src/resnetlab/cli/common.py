@@ -145,8 +145,11 @@ TRAINING_FLAGS: dict[str, tuple[type, str]] = {
     "epochs": (int, "epochs (ignored when max_iters is set)"),
     "max_iters": (int, "stop after this many optimizer steps"),
     "batch_size": (int, "global batch size"),
-    "accum_steps": (int, "accumulate the gradients of this many micro-batches (of batch_size / accum_steps) per "
-                    "optimizer step: a large batch on a small GPU"),
+    "accum_steps": (
+        int,
+        "accumulate the gradients of this many micro-batches (of batch_size / accum_steps) per "
+        "optimizer step: a large batch on a small GPU",
+    ),
     "lr": (float, "peak learning rate"),
     "weight_decay": (float, "weight decay"),
     "image_size": (int, "input side in pixels"),
