@@ -7,12 +7,8 @@ import asyncio
 import csv
 import os
 import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
@@ -120,29 +116,14 @@ def test_training_data_skips_hostile_images_with_a_reason(tmp_path: Path) -> Non
 def test_serve_peak_memory_under_16_concurrent_hostile_uploads(model_dir: Path, tmp_path: Path) -> None:
     """The goal of issue 15: a real server stays under 1.5 GB peak RSS while 16 hostile uploads arrive at
     once (again and again, 160 in all), and answers every one (400, or 200 for the thinnest accepted)."""
-    from test_serve import _free_port  # the same helper the server tests use
+    from test_serve import serve_process  # the server the serve tests start
 
-    port, log = _free_port(), tmp_path / "server.log"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "resnetlab.cli.main", "serve", "--from", str(model_dir), "--port", str(port)],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=log_file,
-        )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        idle = peak_rss_mb(proc.pid)
-        result = asyncio.run(load_test(url, list(hostile_images().values()), requests=160, concurrency=16,
+    log = tmp_path / "server.log"
+    with serve_process(model_dir, log) as server:
+        idle = peak_rss_mb(server.proc.pid)
+        result = asyncio.run(load_test(server.url, list(hostile_images().values()), requests=160, concurrency=16,
                                        timeout=120))  # fmt: skip
-        peak = peak_rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        peak = peak_rss_mb(server.proc.pid)
     assert set(result["statuses"]) == {"200", "400"} and result["statuses"]["400"] == 128, result["statuses"]
     assert peak < 1536, peak
     assert "Traceback" not in log.read_text()

@@ -494,31 +494,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    """A real ``resnetlab serve`` on 127.0.0.1 with small limits, its log in a file (checked for tracebacks)."""
+@contextlib.contextmanager
+def serve_process(model_dir, log, *options: str):
+    """A real ``resnetlab serve --from model_dir OPTIONS`` on a free 127.0.0.1 port, its stderr in ``log``,
+    once ``/health`` answers (a test failure with the log's tail if it never does); terminated on exit."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "resnetlab.cli.main", "serve", "--from", str(model_dir), "--port", str(port),
-             "--max-batch", "16", "--max-wait-ms", "20", "--max-body-mb", "0.5", "--read-timeout", "2",
-             "--body-timeout", "3", "--header-timeout", "2", "--max-concurrent", "48", "--max-mpx", "20"],
+             *options],
             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=log_file,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("server did not start: " + log.read_text()[-2000:])
+        yield SimpleNamespace(url=url, proc=proc, log=log, host="127.0.0.1", port=port)
+    finally:
+        proc.terminate()
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + log.read_text()[-2000:])
-    yield SimpleNamespace(url=url, proc=proc, log=log, host="127.0.0.1", port=port)
-    proc.terminate()
-    proc.wait(timeout=10)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """A real ``resnetlab serve`` on 127.0.0.1 with small limits, its log in a file (checked for tracebacks)."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    limits = ["--max-batch", "16", "--max-wait-ms", "20", "--max-body-mb", "0.5", "--read-timeout", "2",
+              "--body-timeout", "3", "--header-timeout", "2", "--max-concurrent", "48", "--max-mpx", "20"]  # fmt: skip
+    with serve_process(model_dir, log, *limits) as running:
+        yield running
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]  # every abuse was handled, none crashed
 
 
