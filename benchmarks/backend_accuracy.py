@@ -128,7 +128,9 @@ def ants_bees_resnet50(train: torch.Tensor, labels: torch.Tensor, seed: int = 0)
     return model
 
 
-def ants_bees(limit: int | None, names: list[str] | None = None) -> dict[str, Any]:
+def ants_bees(limit: int | None, names: list[str] | None = None, source: str | None = None) -> dict[str, Any]:
+    """ResNet-50 on the ants/bees val photos: the model ``source`` names (a run or model folder of a ResNet-50
+    trained on them), or else the probe model ``ants_bees_resnet50`` fitted here."""
     import tempfile
     import zipfile
 
@@ -144,25 +146,38 @@ def ants_bees(limit: int | None, names: list[str] | None = None) -> dict[str, An
         root = os.path.join(folder, "hymenoptera_data")
         train, train_labels = photos(root, "train", limit, transform)
         val, val_labels = photos(root, "val", limit, transform)
-    model = ants_bees_resnet50(train, train_labels)
+    if source is None:
+        model = ants_bees_resnet50(train, train_labels)
+        described = "resnet50 (random convolutions, BN statistics and head fitted on the ants/bees train photos)"
+    else:
+        from resnetlab.sources import load_resnet
+
+        model, described = load_resnet(source).eval(), f"resnet50 trained on the ants/bees train photos ({source})"
+        if tuple(model.config.label_names or ()) != ("ants", "bees"):
+            raise SystemExit(f"{source} is not an ants/bees model (labels {model.config.label_names})")
     report = compare_paths(model, val, val_labels, train[:32], batch=16, names=names)
-    return {"model": "resnet50 (random convolutions, BN statistics and head fitted on the ants/bees train photos)",
-            "train_photos": len(train), "val_photos": len(val), **report}  # fmt: skip
+    return {"model": described, "train_photos": len(train), "val_photos": len(val), **report}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cifar-images", type=int, default=10_000)
     parser.add_argument("--photos", default="all", help="'all' or how many photos per split")
+    parser.add_argument("--resnet50", metavar="SOURCE",
+                        help="a ResNet-50 trained on ants/bees (run or model folder); default: the probe model")
+    parser.add_argument("--only", choices=("cifar10", "ants_bees"), help="measure one part")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     limit = None if args.photos == "all" else int(args.photos)
-    report = {"cifar10": [cifar(n, args.cifar_images) for n in ("resnet20", "resnet56")],
-              "ants_bees": ants_bees(limit), "threads": torch.get_num_threads()}  # fmt: skip
+    report: dict[str, Any] = {"threads": torch.get_num_threads()}
+    if args.only in (None, "cifar10"):
+        report["cifar10"] = [cifar(n, args.cifar_images) for n in ("resnet20", "resnet56")]
+    if args.only in (None, "ants_bees"):
+        report["ants_bees"] = ants_bees(limit, source=args.resnet50)
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    for part in (*report["cifar10"], report["ants_bees"]):
+    for part in (*report.get("cifar10", []), *([report["ants_bees"]] if "ants_bees" in report else [])):
         print(part["model"])
         for name in BACKENDS:
             row = part[name]
