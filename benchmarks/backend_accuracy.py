@@ -17,6 +17,7 @@ A measurement, not a test: tests/test_backends.py asserts a smaller version of b
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import warnings
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from resnetlab.backends import BACKENDS, agreement, build
+from resnetlab.models import ResNet
 
 
 def logits(forward: Any, images: torch.Tensor, batch: int) -> torch.Tensor:
@@ -50,6 +52,28 @@ def compare_paths(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     for row in report.values():
         if "top1" in row:
             row["top1_minus_fp32"] = round(row["top1"] - report["eager"]["top1"], 2)
+    return report
+
+
+def compare_features(model: ResNet, images: torch.Tensor, calibration: torch.Tensor, *, batch: int,
+                     names: list[str]) -> dict[str, Any]:  # fmt: skip
+    """Cosine of each path's pooled features (the classifier's input) with fp32's: how exact the network is,
+    whatever its head makes of it (a weak head's logits are small differences of large features)."""
+    headless = copy.deepcopy(model)
+    headless.reset_classifier(0)
+    reference = logits(build("eager", headless), images, batch)
+    report: dict[str, Any] = {}
+    for name in names:
+        if name == "eager" or BACKENDS[name].missing():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = logits(build(name, headless, calibration=calibration), images, batch)
+        cosine = nn.functional.cosine_similarity(out, reference, dim=1)
+        relative = (out - reference).norm(dim=1) / reference.norm(dim=1)
+        report[name] = {"features_cosine_mean": round(float(cosine.mean()), 6),
+                        "features_cosine_min": round(float(cosine.min()), 6),
+                        "features_relative_error_median": round(float(relative.median()), 6)}  # fmt: skip
     return report
 
 
@@ -156,6 +180,9 @@ def ants_bees(limit: int | None, names: list[str] | None = None, source: str | N
         if tuple(model.config.label_names or ()) != ("ants", "bees"):
             raise SystemExit(f"{source} is not an ants/bees model (labels {model.config.label_names})")
     report = compare_paths(model, val, val_labels, train[:32], batch=16, names=names)
+    features = compare_features(model, val, train[:32], batch=16, names=list(report))
+    for name, row in features.items():
+        report[name].update(row)
     return {"model": described, "train_photos": len(train), "val_photos": len(val), **report}
 
 
@@ -163,8 +190,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cifar-images", type=int, default=10_000)
     parser.add_argument("--photos", default="all", help="'all' or how many photos per split")
-    parser.add_argument("--resnet50", metavar="SOURCE",
-                        help="a ResNet-50 trained on ants/bees (run or model folder); default: the probe model")
+    parser.add_argument(
+        "--resnet50",
+        metavar="SOURCE",
+        help="a ResNet-50 trained on ants/bees (run or model folder); default: the probe model",
+    )
     parser.add_argument("--only", choices=("cifar10", "ants_bees"), help="measure one part")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -186,7 +216,9 @@ def main() -> None:
                 continue
             print(f"  {name:<18} top-1 {row['top1']:6.2f}% ({row['top1_minus_fp32']:+.2f})  cosine mean "
                   f"{row['cosine_mean']:.6f} min {row['cosine_min']:.6f}  top-1 agreement "
-                  f"{100 * row['top1_agreement']:.2f}%")  # fmt: skip
+                  f"{100 * row['top1_agreement']:.2f}%"
+                  + (f"  features cosine {row['features_cosine_mean']:.6f}" if "features_cosine_mean" in row
+                     else ""))  # fmt: skip
 
 
 if __name__ == "__main__":
