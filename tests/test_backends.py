@@ -182,3 +182,26 @@ def test_resnet50_logits_agree_with_fp32_on_ants_and_bees(shared_file) -> None:
     for name in offered:
         row = report[name]
         assert row["cosine_mean"] >= 0.999 and row["top1_agreement"] >= 0.99, (name, row)
+
+
+def test_calibration_data_makes_the_int8_paths_candidates(cache, tmp_path, capsys) -> None:
+    """``--calibration-data``: best tries the int8 paths (CIFAR-stem model: verified for them), and one can be
+    named; without it, naming one is a clear error that says what to add."""
+    from colour_folders import write_colour_folder
+
+    data = write_colour_folder(tmp_path / "data", {"train": 6}, noise=40, boost=120, size=32)
+    model = _trained_like(num_classes=3, label_names=("blue", "green", "red"))
+    folder = tmp_path / "model"
+    resnetlab.save_pretrained(model, folder)
+    images = sorted((data / "train").rglob("*.png"))[:4]
+    best = Predictor.load(folder, backend="best", batch_size=2, check_images=images, calibration_data=str(data),
+                          calibration_images=8)  # fmt: skip
+    measured = backends.choose(model, batch=2, calibration=torch.zeros(1, 3, 32, 32)).measured  # the cached entry
+    assert "cached" in backends.choose(model, batch=2, calibration=torch.zeros(1, 3, 32, 32)).reason
+    assert "p50_ms" in measured["onnxruntime-int8"] or measured["onnxruntime-int8"]["passed"] is False
+    assert "needs calibration" not in best.backend_reason
+    assert main(["predict", "--from", str(folder), *map(str, images), "--backend", "onnxruntime-int8",
+                 "--calibration-data", str(data), "--calibration-images", "8", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["backend"] == "onnxruntime-int8"
+    assert main(["predict", "--from", str(folder), str(images[0]), "--backend", "openvino-int8"]) == 1
+    assert "--calibration-data" in capsys.readouterr().err

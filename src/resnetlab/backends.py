@@ -209,8 +209,9 @@ def build(name: str, model: ResNet, *, threads: int | None = None, calibration: 
     if why := backend.missing():
         raise ConfigError(f"backend {name} {why}")
     if backend.calibrated and calibration is None:
-        raise ConfigError(f"backend {name} needs calibration images: export an int8 model with `resnetlab export "
-                          "--quantize int8 --calibration-data DATA` and pass that file instead")  # fmt: skip
+        raise ConfigError(f"backend {name} needs calibration images: add --calibration-data DATA (e.g. the "
+                          "training data), or export an int8 model with `resnetlab export --quantize int8` and "
+                          "pass that file instead")  # fmt: skip
     return backend.build(model, threads, calibration if backend.calibrated else None)
 
 
@@ -355,10 +356,12 @@ def choose(model: ResNet, *, batch: int = 16, check: torch.Tensor | None = None,
 
 
 def prepare(model: ResNet | nn.Module, backend: str, *, device: str | torch.device = "cpu", batch: int = 16,
-            check: torch.Tensor | None = None, threads: int | None = None) -> tuple[nn.Module, str]:  # fmt: skip
+            check: torch.Tensor | None = None, threads: int | None = None,
+            calibration: torch.Tensor | None = None) -> tuple[nn.Module, str]:  # fmt: skip
     """``model`` on ``backend`` (a name of ``BACKENDS`` or ``best``) as a module ``Predictor`` can use, and a
     line saying which path runs and why. Exported artifacts run in their own runtime; ``best`` on a GPU
-    keeps the PyTorch model (the candidates are CPU paths)."""
+    keeps the PyTorch model (the candidates are CPU paths). ``calibration``: preprocessed images for the
+    int8 paths (with them, ``best`` tries those too)."""
     if backend != "best" and backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose best or one of {sorted(BACKENDS)}")
     if not isinstance(model, ResNet):  # an exported artifact
@@ -373,11 +376,12 @@ def prepare(model: ResNet | nn.Module, backend: str, *, device: str | torch.devi
             raise ConfigError(f"backend {backend} runs on the CPU; use --device cpu or --backend eager")
         return model, f"{backend}: asked for with --backend"
     if backend == "best":
-        choice = choose(model, batch=batch, check=check, threads=threads)
-        forward = choice.forward or build(choice.backend, model, threads=threads)
+        choice = choose(model, batch=batch, check=check, threads=threads, calibration=calibration)
+        forward = choice.forward or build(choice.backend, model, threads=threads, calibration=calibration)
         name, reason = choice.backend, choice.reason
     else:
-        forward, name, reason = build(backend, model, threads=threads), backend, f"{backend}: asked for with --backend"
+        forward = build(backend, model, threads=threads, calibration=calibration)
+        name, reason = backend, f"{backend}: asked for with --backend"
     if name == "eager":
         return model, reason
     return BackendModel(forward, model.config, model.name, name), reason

@@ -70,26 +70,35 @@ class Predictor:
     @classmethod
     def load(cls, source: str | os.PathLike, *, pretrained: str | bool | None = None, allow_program: bool = False,
              random_init: bool = False, backend: str = "eager", batch_size: int = 16,
-             check_images: Sequence[ImageInput] = (), **kwargs: Any) -> Predictor:  # fmt: skip
+             check_images: Sequence[ImageInput] = (), calibration_data: str | None = None,
+             calibration_images: int = 256, **kwargs: Any) -> Predictor:  # fmt: skip
         """From any source ``resnetlab.sources.load_model`` resolves (run or model folder, checkpoint, export,
         weights file, a model name with ``pretrained`` weights); its preprocessing and labels come along.
-        ``backend``: see ``use_backend``."""
+        ``backend``: see ``use_backend``; ``calibration_data``: a dataset whose train split (a seeded draw of
+        ``calibration_images``) calibrates the int8 paths, which ``best`` then tries too."""
         model = load_model(source, pretrained=pretrained, allow_program=allow_program, random_init=random_init)
         predictor = cls(model, **kwargs)
         if backend != "eager":
-            predictor.use_backend(backend, batch_size=batch_size, check_images=check_images)
+            calibration = None
+            if calibration_data is not None and isinstance(model, ResNet):
+                from resnetlab.export.quantize import calibration_batch
+
+                calibration = calibration_batch(model, calibration_data, calibration_images)
+            predictor.use_backend(backend, batch_size=batch_size, check_images=check_images, calibration=calibration)
         return predictor
 
-    def use_backend(self, backend: str, *, batch_size: int = 16, check_images: Sequence[ImageInput] = ()) -> str:
+    def use_backend(self, backend: str, *, batch_size: int = 16, check_images: Sequence[ImageInput] = (),
+                    calibration: torch.Tensor | None = None) -> str:  # fmt: skip
         """Run the model on ``backend`` (a name of ``resnetlab.backends.BACKENDS``, or ``best``: the fastest
         verified path here, timed at ``batch_size`` and checked against fp32 on up to 16 of ``check_images``,
-        unreadable ones ignored). Returns, and keeps in ``backend_reason``, which path runs and why."""
+        unreadable ones ignored; the int8 paths only with ``calibration`` images). Returns, and keeps in
+        ``backend_reason``, which path runs and why."""
         from resnetlab.backends import prepare
 
         images = [t for t in map(self._decode, list(check_images)[:16]) if isinstance(t, torch.Tensor)]
         check = torch.stack(images) if images else None
         self.model, self.backend_reason = prepare(self.model, backend, device=self.device, batch=batch_size,
-                                                  check=check)  # fmt: skip
+                                                  check=check, calibration=calibration)  # fmt: skip
         return self.backend_reason
 
     @property

@@ -103,6 +103,22 @@ def add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="best", choices=["best", *BACKENDS],
                         help="inference path (default best: the fastest path on this CPU whose logits agree with "
                         "fp32, measured once and cached per model and machine; on a GPU: eager)")  # fmt: skip
+    parser.add_argument("--calibration-data", metavar="DATA",
+                        help="dataset (e.g. the training data) to calibrate the int8 paths on: with it, best "
+                        "tries them too, and they can be named")  # fmt: skip
+    parser.add_argument(
+        "--calibration-images",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="images drawn from its train split (default 256)",
+    )
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``Predictor.load`` that ``add_backend``'s options give."""
+    return {"backend": args.backend, "calibration_data": args.calibration_data,
+            "calibration_images": args.calibration_images}  # fmt: skip
 
 
 ALLOW_PROGRAM_HELP = "load TorchScript/.pt2 exports: they are programs, which run code they carry"

@@ -15,6 +15,7 @@ from resnetlab.cli.common import (
     add_device,
     add_json_flag,
     add_model_source,
+    backend_options,
     check_output_file,
     display_path,
     positive_int,
@@ -75,8 +76,8 @@ def predict(args: argparse.Namespace) -> int:
     csv_path = args.csv or (default_csv() if any(Path(i).is_dir() for i in args.inputs) else None)
     if csv_path:  # before predicting: a path that cannot be written would lose every prediction
         check_output_file(csv_path, "--csv")
-    predictor = Predictor.load(args.source, device=args.device, backend=args.backend, batch_size=args.batch_size,
-                               check_images=files[:16], **source_options(args))  # fmt: skip
+    predictor = Predictor.load(args.source, device=args.device, batch_size=args.batch_size, check_images=files[:16],
+                               **backend_options(args), **source_options(args))  # fmt: skip
     done, failed = predictor.predict_files(files, batch_size=args.batch_size, top_k=args.top_k,
                                            progress=not args.json and len(files) > args.batch_size)  # fmt: skip
     # A file name that is not UTF-8 is shown with \x escapes; printing it as is would crash half-way.

@@ -8,6 +8,7 @@ from resnetlab.cli.common import (
     add_backend,
     add_device,
     add_model_source,
+    backend_options,
     port_number,
     positive_float,
     positive_int,
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from resnetlab.inference import Predictor
     from resnetlab.serve import serve
 
-    predictor = Predictor.load(args.source, device=args.device, backend=args.backend, batch_size=1,
+    predictor = Predictor.load(args.source, device=args.device, batch_size=1, **backend_options(args),
                                **source_options(args))  # fmt: skip
     print(f"backend {predictor.backend_reason}", flush=True)
     serve(predictor, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
