@@ -230,7 +230,7 @@ def test_randomisation_check_maps_depend_on_the_weights(cifar_resnet56) -> None:
 def test_pointing_game_beats_chance_by_far(cifar_resnet56) -> None:
     """Grad-CAM at the last stage must peak in the right quadrant far more often than chance (1/4): with 40
     mosaics (160 quadrants) chance gives 0.25 ± 0.034 (binomial sd), so 0.5 is more than 7 sd above it.
-    Measured (docs/results/explain.md): 0.98 on 60 mosaics."""
+    Measured (docs/results/explain.md): 0.965 on 200 mosaics."""
     model, images, labels = cifar_resnet56
     ok = correctly_classified(model, images, labels)
     mosaics, classes = make_mosaics(images[ok], labels[ok], 40, seed=1)
