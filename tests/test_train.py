@@ -689,29 +689,3 @@ def test_ten_crop_eval_of_the_demo_model(demo_run, tmp_path) -> None:
     assert crops["count"] == single["count"] == 360
     assert crops["top1"] >= single["top1"] - 1.0, (crops["top1"], single["top1"])
     print(f"demo model: single crop {single['top1']:.2f}%, multi-crop {crops['top1']:.2f}%")
-
-
-def test_workers_start_from_a_fork_server_once_openvino_is_loaded(tmp_path: Path, monkeypatch, capsys) -> None:
-    """A DataLoader forked after OpenVINO ran killed its parent (SIGSEGV): then workers come from a fork
-    server, and a run with workers still trains and evaluates (its datasets cross a process boundary)."""
-    import types
-
-    from colour_folders import write_colour_folder
-    from resnetlab.data.workers import worker_start_method
-
-    assert worker_start_method(2) in (None, "forkserver") and worker_start_method(0) is None
-    monkeypatch.setitem(sys.modules, "openvino", types.ModuleType("openvino"))
-    assert worker_start_method(2) == "forkserver" and worker_start_method(0) is None
-    import resnetlab.train.batches as batches
-
-    contexts: list[str | None] = []
-    monkeypatch.setattr(
-        batches, "worker_start_method", lambda n: contexts.append(worker_start_method(n)) or contexts[-1]
-    )
-    # photos (over 64 px) are decoded per image, by the workers; small images would be cached as tensors
-    data = write_colour_folder(tmp_path / "colours", {"train": 8, "val": 4}, noise=40, boost=120, size=72)
-    assert main(["train", "--model", "resnet8", "--data", str(data), "--image-size", "32", "--max-iters", "2",
-                 "--batch-size", "4", "--num-workers", "1", "--run-dir", str(tmp_path / "run"), "--no-progress",
-                 "--json"]) == 0  # fmt: skip
-    report = json.loads(capsys.readouterr().out)
-    assert contexts == ["forkserver"] and report["steps"] == 2 and report["final_accuracy"] is not None, report

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, Sampler
 
 from resnetlab.data import DataBundle, TensorImageDataset
 from resnetlab.data.device import DeviceBatches, epoch_order
-from resnetlab.data.workers import worker_start_method
 from resnetlab.train import distributed as dist
 from resnetlab.train.config import TrainConfig
 
@@ -63,7 +62,6 @@ class TrainBatches:
         self.loader = DataLoader(
             train, batch_size=per_rank_batch, sampler=self.sampler, drop_last=True,
             num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=self.generator,
-            multiprocessing_context=worker_start_method(cfg.num_workers),
         )  # fmt: skip
 
     def __len__(self) -> int:

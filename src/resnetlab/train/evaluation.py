@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from resnetlab.data import TensorImageDataset, build_data
-from resnetlab.data.workers import worker_start_method
 from resnetlab.errors import ConfigError, DataError
 from resnetlab.sources import resolve_source
 from resnetlab.train.execution import resolve_device
@@ -51,8 +50,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator(),
-                        multiprocessing_context=worker_start_method(num_workers))  # fmt: skip
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
     n_classes = num_classes or len(getattr(dataset, "classes", [])) or 0
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
