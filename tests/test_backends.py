@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +208,26 @@ def test_calibration_data_makes_the_int8_paths_candidates(cache, tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["backend"] == "onnxruntime-int8"
     assert main(["predict", "--from", str(folder), str(images[0]), "--backend", "openvino-int8"]) == 1
     assert "--calibration-data" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None and os.environ.get("CI") != "true",
+                    reason="needs the openvino extra")  # fmt: skip
+def test_openvino_models_destroyed_out_of_order_leave_signals_working(tmp_path) -> None:
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack per compiled model; destroyed in
+    creation order (as ``best`` drops its losers), it left a freed stack and the next Ctrl-C or child exit
+    killed the process with SIGSEGV. In a child process, so that a regression cannot take pytest down."""
+    script = """
+import gc, os, signal, torch, resnetlab
+from resnetlab import backends
+model = resnetlab.create_model("resnet8", num_classes=3).eval()
+first = backends.build("openvino", model)
+second = backends.build("openvino-int8", model, calibration=torch.randn(8, 3, 32, 32))
+first(torch.randn(2, 3, 32, 32)); second(torch.randn(2, 3, 32, 32))
+del first; gc.collect(); del second; gc.collect()
+got = []
+signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+os.kill(os.getpid(), signal.SIGINT)
+print("handled", got)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "handled [2]" in done.stdout, (done.returncode, done.stderr[-2000:])

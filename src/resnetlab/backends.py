@@ -18,6 +18,7 @@ batch) in ``cache_dir()/backends``, so later runs reuse it without measuring; th
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -127,24 +128,63 @@ def _onnxruntime(model: ResNet, threads: int | None, calibration: torch.Tensor |
         )  # the session holds the model
 
 
-def openvino_session(path: str | os.PathLike, *, threads: int | None = None) -> Forward:
-    """An OpenVINO CPU model for an ONNX file as a forward function. OpenVINO's default precision applies:
-    bfloat16 on CPUs with AMX or AVX512-BF16, fp32 elsewhere (``inference_precision`` tells which)."""
-    import openvino as ov
+class _SignalStack(ctypes.Structure):
+    """Linux's ``stack_t``: a thread's alternate signal stack."""
 
-    core = ov.Core()
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-    request = compiled.create_infer_request()
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out = request.infer({0: x.detach().float().cpu().contiguous().numpy()})[0]
+
+def _signal_stack(new: _SignalStack | None = None) -> _SignalStack | None:
+    """This thread's alternate signal stack (set to ``new`` first if given); None where libc has no
+    ``sigaltstack``."""
+    try:
+        sigaltstack = ctypes.CDLL(None, use_errno=True).sigaltstack
+    except (OSError, AttributeError):
+        return None
+    old = _SignalStack()
+    sigaltstack(None if new is None else ctypes.byref(new), ctypes.byref(old))
+    return old
+
+
+class OpenVINOModel:
+    """An OpenVINO CPU model for an ONNX file, called as a forward function. OpenVINO's default precision
+    applies: bfloat16 on CPUs with AMX or AVX512-BF16, fp32 elsewhere (``inference_precision`` tells which).
+
+    OpenVINO's CPU plugin swaps the calling thread's alternate signal stack when it compiles a model and
+    swaps it back when the model is destroyed; destroyed in another order than created, the thread is left
+    with a freed stack, and the next signal handled on it (Ctrl-C, a child's exit) kills the process with
+    SIGSEGV (seen in this project's tests). So the thread's stack is put back as it was after compiling and
+    after destroying."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+        import openvino as ov
+
+        self._saved = _signal_stack()
+        core = ov.Core()
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self.inference_precision = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._saved is not None:
+            _signal_stack(self._saved)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._request.infer({0: x.detach().float().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(out.copy())
 
-    forward.inference_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))  # type: ignore[attr-defined]
-    return forward
+    def __del__(self) -> None:
+        self._request = self._compiled = None  # OpenVINO's objects go now, then the stack is put back
+        self._restore()
+
+
+def openvino_session(path: str | os.PathLike, *, threads: int | None = None) -> Forward:
+    """An OpenVINO CPU model for an ONNX file as a forward function (see ``OpenVINOModel``)."""
+    return OpenVINOModel(path, threads=threads)
 
 
 def _openvino(model: ResNet, threads: int | None, calibration: torch.Tensor | None = None) -> Forward:
