@@ -719,7 +719,10 @@ def test_request_headers_over_16_kb_are_refused_by_the_real_server(server) -> No
     """uvicorn enforces h11's 16-KB buffer only on headers that arrive in pieces: 40 KB sent at once
     used to be accepted. Now both ways are refused, with the service's JSON error shape."""
     assert httpx.get(server.url + "/health", headers={"x-pad": "a" * 15_000}, timeout=5).status_code == 200
-    assert_error(httpx.get(server.url + "/health", headers={"x-pad": "a" * 40_000}, timeout=5), 431, "16384")
+    big = httpx.get(server.url + "/health", headers={"x-pad": "a" * 40_000}, timeout=5)
+    # 431 when the head arrives in one read; in pieces (the loopback can split it) h11 refuses it first: 400
+    assert big.status_code in (431, 400), (big.status_code, big.text)
+    assert_error(big, big.status_code, "16384")
     with socket.create_connection((server.host, server.port)) as dripping:
         dripping.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
         for i in range(40):  # 40 header lines of 1 KB, each in its own packet
