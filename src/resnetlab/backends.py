@@ -170,8 +170,9 @@ class OpenVINOModel:
         self._restore()
 
     def _restore(self) -> None:
-        if self._saved is not None:
-            _signal_stack(self._saved)
+        saved = getattr(self, "_saved", None)  # None too when __init__ failed before saving it
+        if saved is not None:
+            _signal_stack(saved)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self._request.infer({0: x.detach().float().cpu().contiguous().numpy()})[0]
