@@ -79,8 +79,11 @@ class Predictor:
         model = load_model(source, pretrained=pretrained, allow_program=allow_program, random_init=random_init)
         predictor = cls(model, **kwargs)
         if backend != "eager":
+            from resnetlab.backends import BACKENDS
+
             calibration = None
-            if calibration_data is not None and isinstance(model, ResNet):
+            wanted = backend == "best" or (backend in BACKENDS and BACKENDS[backend].calibrated)
+            if calibration_data is not None and wanted and isinstance(model, ResNet):  # decoded only to be used
                 from resnetlab.export.quantize import calibration_batch
 
                 calibration = calibration_batch(model, calibration_data, calibration_images)
