@@ -39,6 +39,7 @@ def compare_paths(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     """Top-1 and agreement with fp32 eager of each installed path on ``images``."""
     reference = logits(build("eager", model), images, batch)
     report: dict[str, Any] = {}
+    logits_of: dict[str, torch.Tensor] = {}
     for name in names or list(BACKENDS):
         if BACKENDS[name].missing():
             report[name] = {"skipped": BACKENDS[name].missing()}
@@ -47,11 +48,20 @@ def compare_paths(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             warnings.simplefilter("ignore")
             forward = build(name, model, calibration=calibration)
         out = reference if name == "eager" else logits(forward, images, batch)
+        logits_of[name] = out
         top1 = 100 * float((out.argmax(1) == labels).float().mean())
-        report[name] = {"top1": round(top1, 2), **{k: round(v, 6) for k, v in agreement(out, reference).items()}}
+        report[name] = {"name": name, "top1": round(top1, 2),
+                        **{k: round(v, 6) for k, v in agreement(out, reference).items()}}  # fmt: skip
     for row in report.values():
         if "top1" in row:
             row["top1_minus_fp32"] = round(row["top1"] - report["eager"]["top1"], 2)
+            row["logits_error_median"] = round(float((logits_of[row["name"]] - reference).norm(dim=1).median()), 6)
+    # How decided the fp32 logits are: small ones turn their direction for a small error
+    top2 = reference.topk(2, dim=1).values
+    report["eager"]["logits_norm_median"] = round(float(reference.norm(dim=1).median()), 6)
+    report["eager"]["margin_median"] = round(float((top2[:, 0] - top2[:, 1]).median()), 6)
+    for row in report.values():
+        row.pop("name", None)
     return report
 
 
